@@ -7,6 +7,7 @@
 //! | [`i8042`] | PS/2 controller: enough for Linux's probe and the `0xFE` CPU reset | `0x60`, `0x64`, IRQ 1 |
 //! | [`cmos`] | MC146818 RTC from the host clock and 128 bytes of NVRAM with the memory-size registers | `0x70..0x72` |
 //! | [`exit_port`] | a test/debug exit port: the guest writes an exit code | `0xF4..0xF8` |
+//! | [`acpi_pm`] | ACPI PM1a event/control blocks: S5 power-off | `0x600..0x606` |
 //! | [`post_port`] | the POST code port, logged with timestamps | `0x80` |
 //!
 //! Every device does no hypervisor I/O of its own (the shape of vm-superio's `Trigger`): it
@@ -43,6 +44,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod acpi_pm;
 pub mod cmos;
 mod error;
 pub mod exit_port;
@@ -50,6 +52,7 @@ pub mod i8042;
 pub mod post_port;
 pub mod serial;
 
+pub use acpi_pm::AcpiPm;
 pub use cmos::Cmos;
 pub use error::DevicesError;
 pub use exit_port::ExitPort;
