@@ -2,11 +2,12 @@
 # SPDX-License-Identifier: Apache-2.0 OR MIT
 """Builds the default Linux guest from Debian packages.
 
-Output (in --out, default .cache/linux-guest): `bzImage` (Debian's cloud kernel) and
+Output (in --out, default .cache/linux-guest): `bzImage` (Debian's cloud kernel), `vmlinux`
+(the same kernel uncompressed: an ELF with a PVH note, a PVH guest not written against vmkit) and
 `initramfs.cpio.gz` (busybox-static plus the virtio modules and an /init that loads them,
 prints `VMKIT-LINUX up cpus=<n>` on the console and powers off).
 
-Needs: apt-get (Debian), dpkg-deb, network access to the Debian mirror. Nothing is installed
+Needs: apt-get (Debian), dpkg-deb, lz4, network access to the Debian mirror. Nothing is installed
 on the host: packages are downloaded and unpacked into the output directory.
 """
 
@@ -112,6 +113,21 @@ def cpio_newc(entries):
     return out.getvalue()
 
 
+def extract_vmlinux(bzimage: Path, dest: Path):
+    """Writes the uncompressed ELF kernel (it carries a PVH note) from an LZ4 bzImage."""
+    need("lz4")
+    data = bzimage.read_bytes()
+    at = data.find(b"\x02\x21\x4c\x18")  # LZ4 legacy frame magic
+    if at < 0:
+        sys.exit("build-linux-guest: the bzImage payload is not LZ4 (no legacy-frame magic)")
+    # lz4 stops at the end of the frame and complains about the trailing bytes: ignore the
+    # exit status, check the result instead.
+    res = subprocess.run(["lz4", "-dc"], input=data[at:], capture_output=True)
+    if not res.stdout.startswith(b"\x7fELF"):
+        sys.exit(f"build-linux-guest: LZ4 payload did not decompress to an ELF: {res.stderr[:200]!r}")
+    dest.write_bytes(res.stdout)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".cache/linux-guest")
@@ -121,7 +137,7 @@ def main():
     out = Path(args.out).resolve()
     debs = out / "debs"
     root = out / "root"
-    if (out / "bzImage").exists() and (out / "initramfs.cpio.gz").exists():
+    if all((out / f).exists() for f in ["bzImage", "vmlinux", "initramfs.cpio.gz"]):
         print(f"build-linux-guest: {out} is already built")
         return
     kpkg = kernel_package()
@@ -187,6 +203,7 @@ def main():
         entries.append((f"lib/modules/{name}", 0o100644, (out / "mods" / name).read_bytes()))
     (out / "initramfs.cpio.gz").write_bytes(gzip.compress(cpio_newc(entries), 6))
     shutil.copyfile(vmlinuz[-1], out / "bzImage")
+    extract_vmlinux(out / "bzImage", out / "vmlinux")
     (out / "VERSION").write_text(version + "\n")
     print(f"build-linux-guest: kernel {version}, modules {' '.join(order)}")
     print(f"build-linux-guest: wrote {out}/bzImage and {out}/initramfs.cpio.gz")

@@ -17,6 +17,7 @@ apt_install() {
 }
 command -v qemu-img >/dev/null || apt_install qemu-img qemu-utils
 command -v dpkg-deb >/dev/null || die "dpkg-deb is missing: this needs a Debian system"
+command -v lz4 >/dev/null || apt_install lz4 lz4
 
 # The Linux smoke test boots Debian's cloud kernel (downloaded, never installed).
 python3 scripts/build-linux-guest.py --out .cache/linux-guest
