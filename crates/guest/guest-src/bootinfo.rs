@@ -1,0 +1,216 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! Boot information handed over by the VMM: PVH `hvm_start_info` or Linux `boot_params`.
+//!
+//! Everything the guest needs from it (command line, RSDP address, memory map) is copied into
+//! a [`BootInfo`] right at boot, before the guest overwrites any low memory (the SIPI
+//! trampoline goes to 0x8000, next to where VMMs put these structures).
+
+use super::physmem::PhysMem;
+
+/// Bytes of command line kept (the report prints at most 200 of them).
+pub const CMDLINE_MAX: usize = 512;
+/// Memory-map entries kept.
+pub const MEMMAP_MAX: usize = 64;
+/// Memory-map type of usable RAM (e820 and PVH use the same numbering).
+pub const MEM_RAM: u32 = 1;
+
+/// Structures at or above this address are rejected, so adding a small offset cannot overflow.
+const ADDR_LIMIT: u64 = 1 << 63;
+
+/// `hvm_start_info.magic`.
+pub const PVH_MAGIC: u32 = 0x336e_c578;
+
+/// How the guest was entered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// PVH (32-bit entry from the ELF note).
+    Pvh,
+    /// Linux 64-bit boot protocol (ELF entry point, `boot_params` in %rsi).
+    Linux64,
+}
+
+impl BootProtocol {
+    /// Name used in the report line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BootProtocol::Pvh => "pvh",
+            BootProtocol::Linux64 => "linux64",
+        }
+    }
+}
+
+/// One memory-map entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemRegion {
+    /// Physical base address.
+    pub base: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Type (1 = RAM).
+    pub kind: u32,
+}
+
+/// Why the boot information could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootInfoError {
+    /// The structure at this address is not readable.
+    Unreadable(u64),
+    /// `hvm_start_info.magic` is wrong (value found).
+    BadPvhMagic(u32),
+}
+
+/// The boot information, copied out of VMM-provided memory.
+#[derive(Clone)]
+pub struct BootInfo {
+    /// Entry protocol.
+    pub protocol: BootProtocol,
+    cmdline: [u8; CMDLINE_MAX],
+    cmdline_len: usize,
+    /// ACPI RSDP address given by the VMM (`None` if it gave 0).
+    pub rsdp: Option<u64>,
+    memmap: [MemRegion; MEMMAP_MAX],
+    memmap_len: usize,
+}
+
+impl BootInfo {
+    fn empty(protocol: BootProtocol) -> Self {
+        BootInfo {
+            protocol,
+            cmdline: [0; CMDLINE_MAX],
+            cmdline_len: 0,
+            rsdp: None,
+            memmap: [MemRegion::default(); MEMMAP_MAX],
+            memmap_len: 0,
+        }
+    }
+
+    /// Reads a PVH `hvm_start_info` at `addr`.
+    pub fn from_pvh(mem: &impl PhysMem, addr: u64) -> Result<Self, BootInfoError> {
+        let bad = BootInfoError::Unreadable(addr);
+        if addr >= ADDR_LIMIT {
+            return Err(bad);
+        }
+        let magic = mem.read_u32(addr).ok_or(bad)?;
+        if magic != PVH_MAGIC {
+            return Err(BootInfoError::BadPvhMagic(magic));
+        }
+        let mut info = BootInfo::empty(BootProtocol::Pvh);
+        let version = mem.read_u32(addr + 4).ok_or(bad)?;
+        let cmdline = mem.read_u64(addr + 0x18).ok_or(bad)?;
+        let rsdp = mem.read_u64(addr + 0x20).ok_or(bad)?;
+        info.read_cmdline(mem, cmdline, CMDLINE_MAX as u64);
+        info.rsdp = (rsdp != 0).then_some(rsdp);
+        if version >= 1 {
+            let map = mem.read_u64(addr + 0x28).ok_or(bad)?;
+            let entries = mem.read_u32(addr + 0x30).ok_or(bad)?;
+            if map != 0 && map < ADDR_LIMIT {
+                for i in 0..u64::from(entries).min(MEMMAP_MAX as u64) {
+                    let e = map + i * 24;
+                    let (Some(base), Some(size), Some(kind)) =
+                        (mem.read_u64(e), mem.read_u64(e + 8), mem.read_u32(e + 16))
+                    else {
+                        break;
+                    };
+                    info.push_region(MemRegion { base, size, kind });
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    /// Reads a Linux `boot_params` (zero page) at `addr`.
+    pub fn from_linux(mem: &impl PhysMem, addr: u64) -> Result<Self, BootInfoError> {
+        let bad = BootInfoError::Unreadable(addr);
+        if addr >= ADDR_LIMIT {
+            return Err(bad);
+        }
+        let mut info = BootInfo::empty(BootProtocol::Linux64);
+        let rsdp = mem.read_u64(addr + 0x070).ok_or(bad)?;
+        info.rsdp = (rsdp != 0).then_some(rsdp);
+        let ext_cmdline = mem.read_u32(addr + 0x0C8).ok_or(bad)?;
+        let cmdline = mem.read_u32(addr + 0x228).ok_or(bad)?;
+        let cmdline_size = mem.read_u32(addr + 0x238).ok_or(bad)?;
+        let cmdline = (u64::from(ext_cmdline) << 32) | u64::from(cmdline);
+        let limit = if cmdline_size == 0 {
+            CMDLINE_MAX as u64
+        } else {
+            u64::from(cmdline_size).min(CMDLINE_MAX as u64)
+        };
+        info.read_cmdline(mem, cmdline, limit);
+        let entries = mem.read_u8(addr + 0x1E8).ok_or(bad)?;
+        for i in 0..u64::from(entries).min(128).min(MEMMAP_MAX as u64) {
+            let e = addr + 0x2D0 + i * 20;
+            let (Some(base), Some(size), Some(kind)) =
+                (mem.read_u64(e), mem.read_u64(e + 8), mem.read_u32(e + 16))
+            else {
+                break;
+            };
+            info.push_region(MemRegion { base, size, kind });
+        }
+        Ok(info)
+    }
+
+    fn read_cmdline(&mut self, mem: &impl PhysMem, addr: u64, limit: u64) {
+        if addr == 0 {
+            return;
+        }
+        for i in 0..limit.min(CMDLINE_MAX as u64) {
+            match addr.checked_add(i).and_then(|a| mem.read_u8(a)) {
+                Some(0) | None => break,
+                Some(b) => {
+                    self.cmdline[self.cmdline_len] = b;
+                    self.cmdline_len += 1;
+                }
+            }
+        }
+    }
+
+    fn push_region(&mut self, r: MemRegion) {
+        if self.memmap_len < MEMMAP_MAX {
+            self.memmap[self.memmap_len] = r;
+            self.memmap_len += 1;
+        }
+    }
+
+    /// The command line (without the terminating NUL, at most [`CMDLINE_MAX`] bytes).
+    pub fn cmdline(&self) -> &[u8] {
+        &self.cmdline[..self.cmdline_len]
+    }
+
+    /// The memory map as given by the VMM.
+    pub fn memmap(&self) -> &[MemRegion] {
+        &self.memmap[..self.memmap_len]
+    }
+
+    /// How many bytes starting at `base` are RAM according to the memory map (contiguous RAM
+    /// entries are merged), or `None` when the VMM gave no memory map at all.
+    pub fn ram_at(&self, base: u64) -> Option<u64> {
+        if self.memmap_len == 0 {
+            return None;
+        }
+        let mut end = base;
+        // Walk forward through adjacent/overlapping RAM entries (the map may be unsorted).
+        loop {
+            let next = self
+                .memmap()
+                .iter()
+                .filter(|r| r.kind == MEM_RAM && r.base <= end)
+                .filter_map(|r| r.base.checked_add(r.size))
+                .filter(|e| *e > end)
+                .max();
+            match next {
+                Some(e) => end = e,
+                None => break,
+            }
+        }
+        Some(end - base)
+    }
+
+    /// Value of a `key=value` option on the command line (first match).
+    pub fn option(&self, key: &str) -> Option<&[u8]> {
+        self.cmdline().split(|b| *b == b' ').find_map(|word| {
+            let rest = word.strip_prefix(key.as_bytes())?;
+            rest.strip_prefix(b"=")
+        })
+    }
+}

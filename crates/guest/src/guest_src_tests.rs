@@ -1,0 +1,481 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! Host-side tests of the guest's pure parsers and of the embedded image.
+
+use crate::guest_src::acpi;
+use crate::guest_src::bootinfo::{BootInfo, BootInfoError, BootProtocol, MemRegion, PVH_MAGIC};
+use crate::guest_src::mptable;
+use crate::guest_src::physmem::{ApicIdSet, PhysMem};
+use crate::guest_src::report::{self as greport, Sink};
+use crate::{abi, elf, inspect_elf, parse_report};
+use proptest::prelude::*;
+
+/// Guest physical memory for tests: `size` bytes from address 0.
+struct VecMem(Vec<u8>);
+
+impl VecMem {
+    fn new(size: usize) -> Self {
+        VecMem(vec![0; size])
+    }
+    fn write(&mut self, addr: u64, bytes: &[u8]) {
+        let a = addr as usize;
+        self.0[a..a + bytes.len()].copy_from_slice(bytes);
+    }
+    fn write_u32(&mut self, addr: u64, v: u32) {
+        self.write(addr, &v.to_le_bytes());
+    }
+    fn write_u64(&mut self, addr: u64, v: u64) {
+        self.write(addr, &v.to_le_bytes());
+    }
+}
+
+impl PhysMem for VecMem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        let Ok(start) = usize::try_from(addr) else {
+            return false;
+        };
+        let Some(end) = start.checked_add(buf.len()) else {
+            return false;
+        };
+        match self.0.get(start..end) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Sink for String {
+    fn put(&mut self, bytes: &[u8]) {
+        self.push_str(std::str::from_utf8(bytes).unwrap());
+    }
+}
+
+fn fix_checksum(mem: &mut VecMem, addr: u64, len: usize, at: u64) {
+    mem.0[at as usize] = 0;
+    let sum = mem.0[addr as usize..addr as usize + len]
+        .iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b));
+    mem.0[at as usize] = 0u8.wrapping_sub(sum);
+}
+
+fn sdt_header(mem: &mut VecMem, addr: u64, sig: &[u8; 4], len: u32) {
+    mem.write(addr, sig);
+    mem.write_u32(addr + 4, len);
+    mem.0[addr as usize + 8] = 1;
+    mem.write(addr + 10, b"VMKIT ");
+}
+
+/// LAPIC entry: (id, enabled); x2APIC entry: (id, enabled).
+fn build_madt(mem: &mut VecMem, addr: u64, lapics: &[(u8, bool)], x2apics: &[(u32, bool)]) -> u32 {
+    let mut at = addr + 44;
+    for (uid, (id, en)) in lapics.iter().enumerate() {
+        mem.write(at, &[0, 8, uid as u8, *id]);
+        mem.write_u32(at + 4, u32::from(*en));
+        at += 8;
+    }
+    // An I/O APIC and an interrupt source override in between.
+    mem.write(at, &[1, 12, 5, 0]);
+    mem.write_u32(at + 4, 0xFEC0_0000);
+    mem.write_u32(at + 8, 0);
+    at += 12;
+    mem.write(at, &[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
+    at += 10;
+    for (uid, (id, en)) in x2apics.iter().enumerate() {
+        mem.write(at, &[9, 16, 0, 0]);
+        mem.write_u32(at + 4, *id);
+        mem.write_u32(at + 8, u32::from(*en));
+        mem.write_u32(at + 12, uid as u32 + 100);
+        at += 16;
+    }
+    let len = (at - addr) as u32;
+    sdt_header(mem, addr, b"APIC", len);
+    mem.write_u32(addr + 36, 0xFEE0_0000);
+    mem.write_u32(addr + 40, 1);
+    fix_checksum(mem, addr, len as usize, addr + 9);
+    len
+}
+
+/// RSDP at `rsdp` -> XSDT (rev 2) or RSDT (rev 0) at 0x2000 -> [FACP dummy, MADT at 0x3000].
+fn build_acpi(mem: &mut VecMem, rsdp: u64, xsdt: bool, lapics: &[(u8, bool)], x2: &[(u32, bool)]) {
+    let root = 0x2000u64;
+    let facp = 0x2800u64;
+    let madt = 0x3000u64;
+    sdt_header(mem, facp, b"FACP", 36);
+    fix_checksum(mem, facp, 36, facp + 9);
+    build_madt(mem, madt, lapics, x2);
+    mem.write(rsdp, b"RSD PTR ");
+    mem.write(rsdp + 9, b"VMKIT ");
+    if xsdt {
+        sdt_header(mem, root, b"XSDT", 36 + 16);
+        mem.write_u64(root + 36, facp);
+        mem.write_u64(root + 44, madt);
+        fix_checksum(mem, root, 52, root + 9);
+        mem.0[rsdp as usize + 15] = 2;
+        mem.write_u32(rsdp + 20, 36);
+        mem.write_u64(rsdp + 24, root);
+        fix_checksum(mem, rsdp, 20, rsdp + 8);
+        fix_checksum(mem, rsdp, 36, rsdp + 32);
+    } else {
+        sdt_header(mem, root, b"RSDT", 36 + 8);
+        mem.write_u32(root + 36, facp as u32);
+        mem.write_u32(root + 40, madt as u32);
+        fix_checksum(mem, root, 44, root + 9);
+        mem.write_u32(rsdp + 16, root as u32);
+        fix_checksum(mem, rsdp, 20, rsdp + 8);
+    }
+}
+
+type Ids = ApicIdSet<1024>;
+
+#[test]
+fn madt_via_scanned_rsdp_and_xsdt() {
+    let mut mem = VecMem::new(0x10_0000);
+    build_acpi(
+        &mut mem,
+        0xF_0010,
+        true,
+        &[(0, true), (1, true), (2, false), (3, true)],
+        &[(300, true), (301, false), (1, true)],
+    );
+    let mut ids = Ids::new();
+    let info = acpi::discover_cpus(&mem, None, &mut ids).expect("MADT found");
+    assert_eq!(ids.as_slice(), &[0, 1, 3, 300]);
+    assert_eq!(info.lapic_entries, 3);
+    assert_eq!(info.x2apic_entries, 2);
+    assert_eq!(info.ioapic_count, 1);
+    assert_eq!(info.ioapics[0].address, 0xFEC0_0000);
+    assert_eq!(info.lapic_address, 0xFEE0_0000);
+}
+
+#[test]
+fn madt_via_hint_and_rsdt() {
+    let mut mem = VecMem::new(0x10_0000);
+    build_acpi(&mut mem, 0x5000, false, &[(0, true), (2, true)], &[]);
+    let mut ids = Ids::new();
+    assert!(acpi::discover_cpus(&mem, Some(0x5000), &mut ids).is_some());
+    assert_eq!(ids.as_slice(), &[0, 2]);
+    // 0x5000 is not in a scanned area: without the hint nothing is found.
+    assert!(acpi::discover_cpus(&mem, None, &mut Ids::new()).is_none());
+    // A bad hint falls back to scanning (nothing there either).
+    assert!(acpi::discover_cpus(&mem, Some(0x5010), &mut Ids::new()).is_none());
+}
+
+#[test]
+fn rsdp_in_ebda_is_found() {
+    let mut mem = VecMem::new(0x10_0000);
+    mem.write(0x40E, &(0x9FC0u16).to_le_bytes());
+    build_acpi(&mut mem, 0x9_FC00 + 0x40, true, &[(5, true)], &[]);
+    let mut ids = Ids::new();
+    assert!(acpi::discover_cpus(&mem, None, &mut ids).is_some());
+    assert_eq!(ids.as_slice(), &[5]);
+}
+
+#[test]
+fn corrupted_tables_are_rejected() {
+    let mut mem = VecMem::new(0x10_0000);
+    build_acpi(&mut mem, 0xE_0000, true, &[(0, true), (1, true)], &[]);
+    let mut bad_madt = VecMem(mem.0.clone());
+    bad_madt.0[0x3000 + 50] ^= 0xFF;
+    assert!(acpi::discover_cpus(&bad_madt, None, &mut Ids::new()).is_none());
+    let mut bad_rsdp = VecMem(mem.0.clone());
+    bad_rsdp.0[0xE_0000 + 3] ^= 0x01;
+    assert!(acpi::discover_cpus(&bad_rsdp, None, &mut Ids::new()).is_none());
+    let mut huge = VecMem(mem.0.clone());
+    huge.write_u32(0x3004, 0xFFFF_FFF0);
+    assert!(acpi::discover_cpus(&huge, None, &mut Ids::new()).is_none());
+    // No enabled CPU in the MADT counts as "no MADT".
+    let mut none = VecMem::new(0x10_0000);
+    build_acpi(&mut none, 0xE_0000, true, &[(0, false)], &[]);
+    assert!(acpi::discover_cpus(&none, None, &mut Ids::new()).is_none());
+}
+
+#[test]
+fn madt_entry_with_zero_length_stops_the_walk() {
+    let mut mem = VecMem::new(0x10_0000);
+    build_acpi(&mut mem, 0xE_0000, true, &[(0, true), (1, true)], &[]);
+    // Second LAPIC entry gets length 0: the walk must stop, not loop.
+    mem.0[0x3000 + 44 + 8 + 1] = 0;
+    let len = mem.0[0x3004] as usize;
+    fix_checksum(&mut mem, 0x3000, len, 0x3009);
+    let mut ids = Ids::new();
+    acpi::parse_madt(&mem, 0x3000, &mut ids).expect("valid header");
+    assert_eq!(ids.as_slice(), &[0]);
+}
+
+fn build_mptable(mem: &mut VecMem, fp: u64, cpus: &[(u8, bool)]) {
+    let cfg = 0x9_0000u64;
+    let mut at = cfg + 44;
+    for (id, en) in cpus {
+        mem.write(
+            at,
+            &[0, *id, 0x14, u8::from(*en) | if *id == 0 { 2 } else { 0 }],
+        );
+        at += 20;
+    }
+    mem.write(at, &[1, 0, b'I', b'S', b'A', b' ', b' ', b' ']);
+    at += 8;
+    mem.write(at, &[2, 9, 0x11, 1]);
+    mem.write_u32(at + 4, 0xFEC0_0000);
+    at += 8;
+    let len = (at - cfg) as u16;
+    mem.write(cfg, b"PCMP");
+    mem.write(cfg + 4, &len.to_le_bytes());
+    mem.0[cfg as usize + 6] = 4;
+    mem.write(cfg + 34, &((cpus.len() + 2) as u16).to_le_bytes());
+    mem.write_u32(cfg + 36, 0xFEE0_0000);
+    fix_checksum(mem, cfg, len as usize, cfg + 7);
+    mem.write(fp, b"_MP_");
+    mem.write_u32(fp + 4, cfg as u32);
+    mem.0[fp as usize + 8] = 1;
+    mem.0[fp as usize + 9] = 4;
+    fix_checksum(mem, fp, 16, fp + 10);
+}
+
+#[test]
+fn mptable_fallback() {
+    let mut mem = VecMem::new(0x10_0000);
+    build_mptable(
+        &mut mem,
+        0xF_5000,
+        &[(0, true), (1, true), (2, false), (6, true)],
+    );
+    let mut ids = Ids::new();
+    assert!(mptable::discover_cpus(&mem, &mut ids));
+    assert_eq!(ids.as_slice(), &[0, 1, 6]);
+    // Found in the last KiB of base memory as well.
+    let mut mem = VecMem::new(0x10_0000);
+    mem.write(0x413, &639u16.to_le_bytes());
+    build_mptable(&mut mem, 638 * 1024 + 16, &[(0, true), (1, true)]);
+    assert!(mptable::discover_cpus(&mem, &mut Ids::new()));
+    // Broken checksum: not found.
+    mem.0[0x9_0000 + 50] ^= 1;
+    assert!(!mptable::discover_cpus(&mem, &mut Ids::new()));
+}
+
+#[test]
+fn pvh_start_info() {
+    let mut mem = VecMem::new(0x1_0000);
+    let si = 0x6000u64;
+    mem.write_u32(si, PVH_MAGIC);
+    mem.write_u32(si + 4, 1);
+    mem.write_u64(si + 0x18, 0x7000);
+    mem.write_u64(si + 0x20, 0xE_0000);
+    mem.write_u64(si + 0x28, 0x6100);
+    mem.write_u32(si + 0x30, 2);
+    mem.write(0x7000, b"console=ttyS0 vmkit.debug=1\0garbage");
+    for (i, (base, size, kind)) in [(0u64, 0x9_FC00u64, 1u32), (0x10_0000, 0x3FF0_0000, 1)]
+        .iter()
+        .enumerate()
+    {
+        let e = 0x6100 + 24 * i as u64;
+        mem.write_u64(e, *base);
+        mem.write_u64(e + 8, *size);
+        mem.write_u32(e + 16, *kind);
+    }
+    let b = BootInfo::from_pvh(&mem, si).unwrap();
+    assert_eq!(b.protocol, BootProtocol::Pvh);
+    assert_eq!(b.cmdline(), b"console=ttyS0 vmkit.debug=1");
+    assert_eq!(b.option("vmkit.debug"), Some(&b"1"[..]));
+    assert_eq!(b.option("vmkit.fault"), None);
+    assert_eq!(b.rsdp, Some(0xE_0000));
+    assert_eq!(b.memmap().len(), 2);
+    assert_eq!(
+        b.memmap()[1],
+        MemRegion {
+            base: 0x10_0000,
+            size: 0x3FF0_0000,
+            kind: 1
+        }
+    );
+    assert_eq!(b.ram_at(0x20_0000), Some(0x4000_0000 - 0x20_0000));
+    assert_eq!(b.ram_at(0xA_0000), Some(0));
+
+    mem.write_u32(si, 0x1234);
+    assert_eq!(
+        BootInfo::from_pvh(&mem, si).err(),
+        Some(BootInfoError::BadPvhMagic(0x1234))
+    );
+    assert_eq!(
+        BootInfo::from_pvh(&mem, 0xFFFF).err(),
+        Some(BootInfoError::Unreadable(0xFFFF))
+    );
+}
+
+#[test]
+fn linux_boot_params() {
+    let mut mem = VecMem::new(0x1_0000);
+    let bp = 0x7000u64;
+    mem.write_u64(bp + 0x70, 0xF_0000);
+    mem.write_u32(bp + 0x228, 0x6000);
+    mem.write_u32(bp + 0x238, 5);
+    mem.write(0x6000, b"abcdefgh\0");
+    mem.0[bp as usize + 0x1E8] = 2;
+    for (i, (base, size)) in [(0u64, 0x9_F000u64), (0x10_0000, 0x700_0000)]
+        .iter()
+        .enumerate()
+    {
+        let e = bp + 0x2D0 + 20 * i as u64;
+        mem.write_u64(e, *base);
+        mem.write_u64(e + 8, *size);
+        mem.write_u32(e + 16, 1);
+    }
+    let b = BootInfo::from_linux(&mem, bp).unwrap();
+    assert_eq!(b.protocol, BootProtocol::Linux64);
+    assert_eq!(b.cmdline(), b"abcde");
+    assert_eq!(b.rsdp, Some(0xF_0000));
+    assert_eq!(b.memmap().len(), 2);
+    assert_eq!(b.ram_at(0x13_8000), Some(0x710_0000 - 0x13_8000));
+    // Without a memory map, ram_at cannot tell.
+    mem.0[bp as usize + 0x1E8] = 0;
+    assert_eq!(
+        BootInfo::from_linux(&mem, bp).unwrap().ram_at(0x10_0000),
+        None
+    );
+}
+
+#[test]
+fn report_lines_round_trip_through_the_host_parser() {
+    let mut out = String::from("noise before\n");
+    greport::write_boot_line(&mut out, "pvh", b"root=/dev/vda \"x\"\x01");
+    greport::write_cpus_line(&mut out, 5, 6, &[0, 1, 2, 7, 9], true);
+    greport::write_topo_line(&mut out, 1, 4, false);
+    greport::write_exit_line(&mut out, 1);
+    let r = parse_report(&out).unwrap();
+    assert_eq!(r.cmdline, "root=/dev/vda ?x??");
+    assert_eq!((r.cpus, r.expected), (5, 6));
+    assert_eq!(r.apic_ids, vec![0, 1, 2, 7, 9]);
+    assert!(r.x2apic);
+    assert_eq!(
+        (r.smt_bits, r.core_bits, r.consistent, r.exit_code),
+        (1, 4, false, 1)
+    );
+
+    let mut s = String::new();
+    greport::write_ranges(&mut s, &[0, 1, 2, 3, 8, 9, 10, 11]);
+    assert_eq!(s, "0-3,8-11");
+    s.clear();
+    greport::write_ranges(&mut s, &[]);
+    assert_eq!(s, "-");
+    s.clear();
+    greport::write_exception_line(&mut s, 13, 0x10_2345, 0);
+    assert_eq!(s, "VMKIT-GUEST panic exception=13 rip=0x102345 err=0x0\n");
+    s.clear();
+    s.put_dec(u64::MAX);
+    assert_eq!(s, u64::MAX.to_string());
+}
+
+#[test]
+fn long_cmdline_is_truncated_to_200() {
+    let mut out = String::new();
+    greport::write_boot_line(&mut out, "linux64", &[b'a'; 500]);
+    greport::write_cpus_line(&mut out, 1, 1, &[0], false);
+    greport::write_topo_line(&mut out, 0, 0, true);
+    greport::write_exit_line(&mut out, 0);
+    assert_eq!(parse_report(&out).unwrap().cmdline.len(), 200);
+}
+
+#[test]
+fn image_is_a_loadable_x86_64_elf() {
+    let image = elf();
+    let info = inspect_elf(image).unwrap();
+    assert!(!info.segments.is_empty());
+    for s in &info.segments {
+        assert!(s.paddr >= abi::LOAD_ADDRESS, "segment below 1 MiB: {s:?}");
+        assert_eq!(s.paddr, s.vaddr, "identity-linked");
+    }
+    let end = info
+        .segments
+        .iter()
+        .map(|s| s.paddr + s.memsz)
+        .max()
+        .unwrap();
+    assert!(end < 64 << 20, "image unexpectedly large: ends at {end:#x}");
+
+    // Both entry points start with `mov $0x10, %al; out %al, $0x80` (POST 0x10).
+    let post = [0xB0, abi::PostCode::Entry as u8, 0xE6, abi::POST_PORT as u8];
+    let pvh = info.pvh_entry.expect("PVH note present");
+    let text = info.segments.iter().find(|s| s.flags & 1 != 0).unwrap();
+    assert!(u64::from(pvh) >= text.paddr && u64::from(pvh) < text.paddr + text.filesz);
+    assert_eq!(&info.bytes_at(image, u64::from(pvh)).unwrap()[..4], &post);
+    assert_eq!(&info.bytes_at(image, info.entry).unwrap()[..4], &post);
+    assert_ne!(u64::from(pvh), info.entry);
+}
+
+#[test]
+fn elf_errors_are_reported() {
+    use crate::ElfError;
+    assert!(matches!(inspect_elf(&[]), Err(ElfError::Truncated { .. })));
+    assert_eq!(inspect_elf(&[0u8; 64]), Err(ElfError::BadMagic));
+    let mut img = elf().to_vec();
+    img[18] = 3; // EM_386
+    assert_eq!(inspect_elf(&img), Err(ElfError::NotX86_64(3)));
+    let mut img = elf().to_vec();
+    img[4] = 1;
+    assert!(matches!(inspect_elf(&img), Err(ElfError::NotElf64 { .. })));
+    let img = &elf()[..200];
+    assert!(inspect_elf(img).is_err());
+}
+
+proptest! {
+    #[test]
+    fn acpi_and_mptable_never_panic_on_garbage(
+        low in proptest::collection::vec(any::<u8>(), 0x2000),
+        bios in proptest::collection::vec(any::<u8>(), 0x400),
+        hint in any::<u64>(),
+        plant_rsdp in any::<bool>(),
+    ) {
+        let mut mem = VecMem::new(0x10_0000);
+        mem.write(0, &low);
+        mem.write(0xE_0000, &bios);
+        if plant_rsdp {
+            // A valid RSDP pointing at garbage tables.
+            mem.write(0xE_0100, b"RSD PTR ");
+            mem.0[0xE_0100 + 15] = 2;
+            mem.write_u32(0xE_0100 + 20, 36);
+            mem.write_u64(0xE_0100 + 24, hint & 0x1FFF);
+            mem.write_u32(0xE_0100 + 16, (hint >> 32) as u32 & 0x1FFF);
+            fix_checksum(&mut mem, 0xE_0100, 20, 0xE_0100 + 8);
+            fix_checksum(&mut mem, 0xE_0100, 36, 0xE_0100 + 32);
+        }
+        let mut ids = Ids::new();
+        let _ = acpi::discover_cpus(&mem, Some(hint), &mut ids);
+        let _ = acpi::parse_madt(&mem, hint & 0x1FFF, &mut ids);
+        let _ = acpi::parse_madt(&mem, hint, &mut ids);
+        let _ = mptable::discover_cpus(&mem, &mut ids);
+        let _ = mptable::parse_config_table(&mem, hint & 0x1FFF, &mut ids);
+        let _ = BootInfo::from_pvh(&mem, hint & 0x1FFF);
+        let _ = BootInfo::from_linux(&mem, hint & 0x1FFF);
+        let _ = BootInfo::from_linux(&mem, hint);
+    }
+
+    #[test]
+    fn madt_with_random_entries_never_panics(entries in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut mem = VecMem::new(0x1_0000);
+        let len = 44 + entries.len() as u32;
+        mem.write(0x1000 + 44, &entries);
+        sdt_header(&mut mem, 0x1000, b"APIC", len);
+        fix_checksum(&mut mem, 0x1000, len as usize, 0x1009);
+        let mut ids = ApicIdSet::<8>::new();
+        prop_assert!(acpi::parse_madt(&mem, 0x1000, &mut ids).is_some());
+        prop_assert!(ids.len() <= 8);
+    }
+
+    #[test]
+    fn ranges_round_trip(mut ids in proptest::collection::vec(any::<u32>(), 0..50)) {
+        ids.sort_unstable();
+        ids.dedup();
+        let mut s = String::new();
+        greport::write_ranges(&mut s, &ids);
+        prop_assert_eq!(crate::parse_apic_ids(&s).unwrap(), ids);
+    }
+
+    #[test]
+    fn elf_reader_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..512), keep_header in any::<bool>()) {
+        if keep_header && bytes.len() >= 64 {
+            bytes[..64].copy_from_slice(&elf()[..64]);
+        }
+        let _ = inspect_elf(&bytes);
+    }
+}
