@@ -7,7 +7,7 @@
 //! change. [`GsiRoutingTable`] holds:
 //!
 //! - the fixed default routes ([`default_routes`]): ISA IRQs 0–15 to PIC pins (master 0–7,
-//!   slave 8–15; IRQ 2, the cascade input, is left off) and GSIs 0–23 to IOAPIC pins 0–23;
+//!   slave 8–15; IRQ 2, the cascade input, is left off) and GSIs 1 and 3–23 to the IOAPIC pin of the same number, GSI 0 (the PIT) to IOAPIC pin 2;
 //! - MSI GSIs, allocated from [`FIRST_MSI_GSI`] (24) upward. An allocated GSI carries an MSI
 //!   route only once it is configured; until then it has no route, so an irqfd on it
 //!   delivers nothing.
