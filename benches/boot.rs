@@ -60,7 +60,11 @@ fn fetch_qemu() -> Option<PathBuf> {
         eprintln!("boot bench: QEMU unavailable (scripts/fetch-qemu.sh failed); peer skipped");
         return None;
     }
-    let path = String::from_utf8_lossy(&out.stdout).lines().last()?.trim().to_owned();
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()?
+        .trim()
+        .to_owned();
     Some(PathBuf::from(path))
 }
 
@@ -103,8 +107,9 @@ fn run_once(mut cmd: Command) -> Sample {
     // The child is reaped by wait4; forget it so Drop does not try again.
     std::mem::forget(child);
     let err_text = err_reader.join().unwrap_or_default();
-    let report = vmkit_guest::parse_report(&out_text)
-        .unwrap_or_else(|e| panic!("no guest report ({e}); stdout:\n{out_text}\nstderr:\n{err_text}"));
+    let report = vmkit_guest::parse_report(&out_text).unwrap_or_else(|e| {
+        panic!("no guest report ({e}); stdout:\n{out_text}\nstderr:\n{err_text}")
+    });
     assert!(report.passed(), "guest report failed:\n{out_text}");
     let field = |key: &str| -> Option<u64> {
         err_text
@@ -172,9 +177,23 @@ fn main() {
             if let Some(q) = &qemu {
                 let mut c = Command::new(q);
                 c.args([
-                    "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-M", "microvm",
-                    "-smp", &n.to_string(), "-m", mem, "-nographic", "-nodefaults",
-                    "-serial", "stdio", "-no-reboot", "-kernel", guest,
+                    "-accel",
+                    "kvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                    "-M",
+                    "microvm",
+                    "-smp",
+                    &n.to_string(),
+                    "-m",
+                    mem,
+                    "-nographic",
+                    "-nodefaults",
+                    "-serial",
+                    "stdio",
+                    "-no-reboot",
+                    "-kernel",
+                    guest,
                 ]);
                 peer.push(run_once(c));
             }
@@ -231,9 +250,23 @@ fn main() {
         if let Some(q) = &qemu {
             let mut c = Command::new(q);
             c.args([
-                "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-M", "microvm", "-smp", "1",
-                "-m", "128M", "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
-                "-kernel", guest,
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+                "-M",
+                "microvm",
+                "-smp",
+                "1",
+                "-m",
+                "128M",
+                "-nographic",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-kernel",
+                guest,
             ]);
             peer.push(run_once(c));
         }

@@ -62,7 +62,9 @@ fn guest(kvm: &Kvm, kind: Kind) -> Guest {
         Kind::Mmio => MMIO_LOOP,
     };
     // SAFETY: the mapping is MEM_SIZE bytes and the code fits at CODE_ADDR.
-    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem.add(CODE_ADDR as usize), code.len()) };
+    unsafe {
+        std::ptr::copy_nonoverlapping(code.as_ptr(), mem.add(CODE_ADDR as usize), code.len())
+    };
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
@@ -116,8 +118,11 @@ impl BusDevice for Counter {
 
 fn run_vmkit(kvm: &Kvm, kind: Kind, exits: u64) -> Duration {
     let g = guest(kvm, kind);
-    let cpuid = CpuidPolicy::from_kvm(kvm, &CpuidConfig::new(1, Topology::flat(1).expect("topology")))
-        .expect("cpuid");
+    let cpuid = CpuidPolicy::from_kvm(
+        kvm,
+        &CpuidConfig::new(1, Topology::flat(1).expect("topology")),
+    )
+    .expect("cpuid");
     let config = Arc::new(VcpuConfig::new(kvm, &g.vm, cpuid, Irqchip::InKernel).expect("config"));
     let mut vcpu = Vcpu::new(&g.vm, 0, config).expect("vcpu");
     vcpu.configure().expect("configure");
@@ -177,7 +182,10 @@ fn main() {
         .unwrap_or(100_000);
     let rounds = 7;
     let mut json = Vec::new();
-    println!("{:>5} {:>16} {:>16} {:>8}", "exit", "vmkit ns/exit", "bare ns/exit", "ratio");
+    println!(
+        "{:>5} {:>16} {:>16} {:>8}",
+        "exit", "vmkit ns/exit", "bare ns/exit", "ratio"
+    );
     for kind in [Kind::Pio, Kind::Mmio] {
         let mut ours = Vec::new();
         let mut bare = Vec::new();

@@ -44,7 +44,10 @@ fn kvm_missing_kernel_file_is_named() {
     if !vmkit_testkit::kvm_available("kvm_missing_kernel_file_is_named") {
         return;
     }
-    expect_error(&["--kernel", "/nonexistent/vmlinuz"], "/nonexistent/vmlinuz");
+    expect_error(
+        &["--kernel", "/nonexistent/vmlinuz"],
+        "/nonexistent/vmlinuz",
+    );
 }
 
 #[test]

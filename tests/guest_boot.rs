@@ -35,7 +35,10 @@ fn assert_all_online(report: &vmkit_guest::GuestReport, n: u32) {
 
 #[test]
 fn kvm_boot_test_guest_1_vcpu() {
-    let Some(r) = boot("kvm_boot_test_guest_1_vcpu", &["--cpus", "1", "--memory", "128M"]) else {
+    let Some(r) = boot(
+        "kvm_boot_test_guest_1_vcpu",
+        &["--cpus", "1", "--memory", "128M"],
+    ) else {
         return;
     };
     assert_all_online(&r, 1);
@@ -45,7 +48,10 @@ fn kvm_boot_test_guest_1_vcpu() {
 
 #[test]
 fn kvm_boot_test_guest_2_vcpus() {
-    let Some(r) = boot("kvm_boot_test_guest_2_vcpus", &["--cpus", "2", "--memory", "256M"]) else {
+    let Some(r) = boot(
+        "kvm_boot_test_guest_2_vcpus",
+        &["--cpus", "2", "--memory", "256M"],
+    ) else {
         return;
     };
     assert_all_online(&r, 2);
@@ -54,7 +60,10 @@ fn kvm_boot_test_guest_2_vcpus() {
 
 #[test]
 fn kvm_boot_test_guest_64_vcpus() {
-    let Some(r) = boot("kvm_boot_test_guest_64_vcpus", &["--cpus", "64", "--memory", "1G"]) else {
+    let Some(r) = boot(
+        "kvm_boot_test_guest_64_vcpus",
+        &["--cpus", "64", "--memory", "1G"],
+    ) else {
         return;
     };
     assert_all_online(&r, 64);
@@ -65,13 +74,24 @@ fn kvm_boot_test_guest_64_vcpus() {
 fn kvm_boot_test_guest_linux64_protocol_with_cmdline() {
     let Some(r) = boot(
         "kvm_boot_test_guest_linux64_protocol_with_cmdline",
-        &["--cpus", "4", "--boot", "linux64", "--cmdline", "hello=world vmkit.test=1"],
+        &[
+            "--cpus",
+            "4",
+            "--boot",
+            "linux64",
+            "--cmdline",
+            "hello=world vmkit.test=1",
+        ],
     ) else {
         return;
     };
     assert_all_online(&r, 4);
     assert_eq!(r.boot, BootProtocol::Linux64);
-    assert!(r.cmdline.contains("hello=world vmkit.test=1"), "cmdline: {}", r.cmdline);
+    assert!(
+        r.cmdline.contains("hello=world vmkit.test=1"),
+        "cmdline: {}",
+        r.cmdline
+    );
 }
 
 #[test]

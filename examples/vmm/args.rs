@@ -30,6 +30,7 @@ pub struct Args {
     pub timestamps: bool,
     pub dump_guest: Option<PathBuf>,
     pub stop_on: Option<String>,
+    pub x2apic: bool,
 }
 
 pub const USAGE: &str = "\
@@ -45,6 +46,8 @@ usage: vmm [options]
   --serial stdout|file:PATH|socket:PATH   where COM1 goes (default stdout)
   --cpuid-remove LIST      comma-separated CPUID features to hide (default: cx16, which this host's KVM cannot emulate)
   --timestamps             print POST-port (0x80) timestamps and a boot timing line to stderr
+  --x2apic                 start every LAPIC in x2APIC mode, as firmware does for large machines
+                           (always on when an APIC ID exceeds 254)
   --stop-on TEXT           stop the VM (exit 0) once the guest prints TEXT on COM1
   --dump-guest PATH        write the embedded test guest ELF to PATH and exit
   -h, --help               this text";
@@ -99,6 +102,7 @@ impl Args {
             timestamps: false,
             dump_guest: None,
             stop_on: None,
+            x2apic: false,
         };
         let mut it = argv.into_iter();
         while let Some(flag) = it.next() {
@@ -108,6 +112,10 @@ impl Args {
             }
             if flag == "--timestamps" {
                 a.timestamps = true;
+                continue;
+            }
+            if flag == "--x2apic" {
+                a.x2apic = true;
                 continue;
             }
             let (flag, inline) = match flag.split_once('=') {

@@ -24,10 +24,18 @@ pub fn vmm_binary() -> PathBuf {
     vmm
 }
 
-/// Runs the example VMM with `args`, with a timeout, and returns its output.
+/// Runs the example VMM with `args`, with a 120 s timeout, and returns its output.
 pub fn run_vmm(args: &[&str]) -> Output {
+    run_vmm_with_timeout(args, 120)
+}
+
+/// Runs the example VMM with `args`, killed after `seconds`, and returns its output.
+pub fn run_vmm_with_timeout(args: &[&str], seconds: u32) -> Output {
     let mut cmd = Command::new("timeout");
-    cmd.arg("--kill-after=5").arg("120").arg(vmm_binary()).args(args);
+    cmd.arg("--kill-after=5")
+        .arg(seconds.to_string())
+        .arg(vmm_binary())
+        .args(args);
     let out = cmd.output().expect("spawn the example VMM");
     eprintln!(
         "--- vmm {:?}: {}\n--- stdout:\n{}\n--- stderr:\n{}",
