@@ -36,13 +36,13 @@ const ICR_FIXED: u32 = 1 << 14;
 /// ICR destination shorthand "all excluding self".
 const ICR_ALL_BUT_SELF: u32 = 3 << 18;
 
-static X2APIC: AtomicBool = AtomicBool::new(false);
-static MMIO_BASE: AtomicU64 = AtomicU64::new(0xFEE0_0000);
+const APIC_BASE_BSP: u64 = 1 << 8;
 
-/// `true` if the CPU supports x2APIC (CPUID.1:ECX bit 21).
-pub fn x2apic_supported() -> bool {
-    cpuid(1, 0).ecx & (1 << 21) != 0
-}
+static X2APIC: AtomicBool = AtomicBool::new(false);
+static TSC_DEADLINE: AtomicBool = AtomicBool::new(false);
+static MMIO_BASE: AtomicU64 = AtomicU64::new(0xFEE0_0000);
+/// IA32_APIC_BASE value for the APs in x2APIC mode (the BSP's, without its BSP flag).
+static AP_APIC_BASE: AtomicU64 = AtomicU64::new(0);
 
 /// `true` once the BSP has switched the system to x2APIC mode.
 pub fn is_x2apic() -> bool {
@@ -79,23 +79,43 @@ fn enable_local(x2apic: bool) {
     write(REG_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
 }
 
-/// Chooses the APIC mode for the whole system and enables the BSP's LAPIC.
+/// Chooses the APIC mode for the whole system and enables the BSP's LAPIC: x2APIC if
+/// CPUID.1:ECX bit 21 says so. Also notes whether the timer has TSC-deadline mode (bit 24).
 pub fn init_bsp() {
-    let x2 = x2apic_supported();
-    let base = rdmsr(MSR_APIC_BASE) & 0x000F_FFFF_FFFF_F000;
+    let ecx = cpuid(1, 0).ecx;
+    let x2 = ecx & (1 << 21) != 0;
+    TSC_DEADLINE.store(ecx & (1 << 24) != 0, Ordering::Relaxed);
+    let msr = rdmsr(MSR_APIC_BASE);
+    let base = msr & 0x000F_FFFF_FFFF_F000;
     if base != 0 && base < (1 << 32) {
         MMIO_BASE.store(base, Ordering::Relaxed);
     }
     X2APIC.store(x2, Ordering::Relaxed);
+    AP_APIC_BASE.store(
+        (msr & !APIC_BASE_BSP) | APIC_BASE_ENABLE | APIC_BASE_EXTD,
+        Ordering::Relaxed,
+    );
     enable_local(x2);
 }
 
-/// Enables this AP's LAPIC in the mode the BSP chose.
+/// Enables this AP's LAPIC in the mode the BSP chose. In x2APIC mode this is a single
+/// IA32_APIC_BASE write (no read first: each MSR access is an exit), with the BSP's base
+/// address.
+#[inline(always)]
 pub fn init_ap() {
-    enable_local(is_x2apic());
+    if is_x2apic() {
+        wrmsr(MSR_APIC_BASE, AP_APIC_BASE.load(Ordering::Relaxed));
+        wrmsr(
+            X2APIC_MSR_BASE + REG_SVR / 16,
+            0x100 | u64::from(SPURIOUS_VECTOR),
+        );
+    } else {
+        enable_local(false);
+    }
 }
 
 /// This CPU's APIC ID (32 bits in x2APIC mode, 8 bits in xAPIC mode).
+#[inline(always)]
 pub fn id() -> u32 {
     let v = read(REG_ID);
     if is_x2apic() {
@@ -148,9 +168,9 @@ pub fn send_fixed(dest: u32, vector: u8) {
     send(dest, ICR_FIXED | u32::from(vector));
 }
 
-/// `true` if the LAPIC timer has TSC-deadline mode (CPUID.1:ECX bit 24).
+/// `true` if the LAPIC timer has TSC-deadline mode (noted by [`init_bsp`]).
 fn tsc_deadline_supported() -> bool {
-    cpuid(1, 0).ecx & (1 << 24) != 0
+    TSC_DEADLINE.load(Ordering::Relaxed)
 }
 
 /// Arms this CPU's LAPIC timer to raise [`TIMER_VECTOR`] once, `ticks` TSC ticks from now.

@@ -3,7 +3,10 @@
 //!
 //! Everything the guest needs from it (command line, RSDP address, memory map) is copied into
 //! a [`BootInfo`] right at boot, before the guest overwrites any low memory (the SIPI
-//! trampoline goes to 0x8000, next to where VMMs put these structures).
+//! trampoline goes to 0x8000, next to where VMMs put these structures). The guest fills a
+//! static `BootInfo` in place ([`BootInfo::read_pvh`], [`BootInfo::read_linux`]): built on the
+//! stack and returned, its 2 KiB would be zeroed and copied, which is slow when every guest
+//! instruction is emulated.
 
 use super::physmem::PhysMem;
 
@@ -73,19 +76,48 @@ pub struct BootInfo {
 }
 
 impl BootInfo {
-    fn empty(protocol: BootProtocol) -> Self {
+    /// An empty record (nothing read yet), usable as a `static`'s initial value.
+    pub const fn new(protocol: BootProtocol) -> Self {
         BootInfo {
             protocol,
             cmdline: [0; CMDLINE_MAX],
             cmdline_len: 0,
             rsdp: None,
-            memmap: [MemRegion::default(); MEMMAP_MAX],
+            memmap: [MemRegion {
+                base: 0,
+                size: 0,
+                kind: 0,
+            }; MEMMAP_MAX],
             memmap_len: 0,
         }
     }
 
     /// Reads a PVH `hvm_start_info` at `addr`.
+    #[allow(dead_code)] // the guest uses `read_pvh`; tested on the host
     pub fn from_pvh(mem: &impl PhysMem, addr: u64) -> Result<Self, BootInfoError> {
+        let mut info = BootInfo::new(BootProtocol::Pvh);
+        info.read_pvh(mem, addr)?;
+        Ok(info)
+    }
+
+    /// Reads a Linux `boot_params` (zero page) at `addr`.
+    #[allow(dead_code)] // the guest uses `read_linux`; tested on the host
+    pub fn from_linux(mem: &impl PhysMem, addr: u64) -> Result<Self, BootInfoError> {
+        let mut info = BootInfo::new(BootProtocol::Linux64);
+        info.read_linux(mem, addr)?;
+        Ok(info)
+    }
+
+    fn reset(&mut self, protocol: BootProtocol) {
+        self.protocol = protocol;
+        self.cmdline_len = 0;
+        self.rsdp = None;
+        self.memmap_len = 0;
+    }
+
+    /// Fills `self` (in place) from a PVH `hvm_start_info` at `addr`.
+    pub fn read_pvh(&mut self, mem: &impl PhysMem, addr: u64) -> Result<(), BootInfoError> {
+        self.reset(BootProtocol::Pvh);
         let bad = BootInfoError::Unreadable(addr);
         if addr >= ADDR_LIMIT {
             return Err(bad);
@@ -94,12 +126,11 @@ impl BootInfo {
         if magic != PVH_MAGIC {
             return Err(BootInfoError::BadPvhMagic(magic));
         }
-        let mut info = BootInfo::empty(BootProtocol::Pvh);
         let version = mem.read_u32(addr + 4).ok_or(bad)?;
         let cmdline = mem.read_u64(addr + 0x18).ok_or(bad)?;
         let rsdp = mem.read_u64(addr + 0x20).ok_or(bad)?;
-        info.read_cmdline(mem, cmdline, CMDLINE_MAX as u64);
-        info.rsdp = (rsdp != 0).then_some(rsdp);
+        self.read_cmdline(mem, cmdline, CMDLINE_MAX as u64);
+        self.rsdp = (rsdp != 0).then_some(rsdp);
         if version >= 1 {
             let map = mem.read_u64(addr + 0x28).ok_or(bad)?;
             let entries = mem.read_u32(addr + 0x30).ok_or(bad)?;
@@ -111,22 +142,22 @@ impl BootInfo {
                     else {
                         break;
                     };
-                    info.push_region(MemRegion { base, size, kind });
+                    self.push_region(MemRegion { base, size, kind });
                 }
             }
         }
-        Ok(info)
+        Ok(())
     }
 
-    /// Reads a Linux `boot_params` (zero page) at `addr`.
-    pub fn from_linux(mem: &impl PhysMem, addr: u64) -> Result<Self, BootInfoError> {
+    /// Fills `self` (in place) from a Linux `boot_params` (zero page) at `addr`.
+    pub fn read_linux(&mut self, mem: &impl PhysMem, addr: u64) -> Result<(), BootInfoError> {
+        self.reset(BootProtocol::Linux64);
         let bad = BootInfoError::Unreadable(addr);
         if addr >= ADDR_LIMIT {
             return Err(bad);
         }
-        let mut info = BootInfo::empty(BootProtocol::Linux64);
         let rsdp = mem.read_u64(addr + 0x070).ok_or(bad)?;
-        info.rsdp = (rsdp != 0).then_some(rsdp);
+        self.rsdp = (rsdp != 0).then_some(rsdp);
         let ext_cmdline = mem.read_u32(addr + 0x0C8).ok_or(bad)?;
         let cmdline = mem.read_u32(addr + 0x228).ok_or(bad)?;
         let cmdline_size = mem.read_u32(addr + 0x238).ok_or(bad)?;
@@ -136,7 +167,7 @@ impl BootInfo {
         } else {
             u64::from(cmdline_size).min(CMDLINE_MAX as u64)
         };
-        info.read_cmdline(mem, cmdline, limit);
+        self.read_cmdline(mem, cmdline, limit);
         let entries = mem.read_u8(addr + 0x1E8).ok_or(bad)?;
         for i in 0..u64::from(entries).min(128).min(MEMMAP_MAX as u64) {
             let e = addr + 0x2D0 + i * 20;
@@ -145,24 +176,41 @@ impl BootInfo {
             else {
                 break;
             };
-            info.push_region(MemRegion { base, size, kind });
+            self.push_region(MemRegion { base, size, kind });
         }
-        Ok(info)
+        Ok(())
     }
 
     fn read_cmdline(&mut self, mem: &impl PhysMem, addr: u64, limit: u64) {
         if addr == 0 {
             return;
         }
-        for i in 0..limit.min(CMDLINE_MAX as u64) {
-            match addr.checked_add(i).and_then(|a| mem.read_u8(a)) {
+        let limit = limit.min(CMDLINE_MAX as u64) as usize;
+        let mut n = self.cmdline_len;
+        while n < limit {
+            let Some(at) = addr.checked_add(n as u64) else {
+                break;
+            };
+            // Eight bytes per load while they hold no NUL. Only aligned words: they never
+            // cross into the next page, so nothing is read beyond the page of the NUL.
+            if at % 8 == 0 && n + 8 <= limit {
+                if let Some(w) = mem.read_u64(at) {
+                    if w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080 == 0 {
+                        self.cmdline[n..n + 8].copy_from_slice(&w.to_le_bytes());
+                        n += 8;
+                        continue;
+                    }
+                }
+            }
+            match mem.read_u8(at) {
                 Some(0) | None => break,
                 Some(b) => {
-                    self.cmdline[self.cmdline_len] = b;
-                    self.cmdline_len += 1;
+                    self.cmdline[n] = b;
+                    n += 1;
                 }
             }
         }
+        self.cmdline_len = n;
     }
 
     fn push_region(&mut self, r: MemRegion) {
@@ -208,9 +256,16 @@ impl BootInfo {
 
     /// Value of a `key=value` option on the command line (first match).
     pub fn option(&self, key: &str) -> Option<&[u8]> {
-        self.cmdline().split(|b| *b == b' ').find_map(|word| {
-            let rest = word.strip_prefix(key.as_bytes())?;
-            rest.strip_prefix(b"=")
-        })
+        let key = key.as_bytes();
+        let mut rest = self.cmdline();
+        while !rest.is_empty() {
+            let len = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+            let (word, tail) = rest.split_at(len);
+            if word.get(key.len()) == Some(&b'=') && word.starts_with(key) {
+                return word.get(key.len() + 1..);
+            }
+            rest = tail.get(1..).unwrap_or(&[]);
+        }
+        None
     }
 }

@@ -7,10 +7,11 @@
 //! - Linux 64-bit boot protocol (`vmkit_linux64_start`, the ELF entry point): long mode on the
 //!   VMM's identity map, `%rsi` = physical address of `boot_params`.
 //!
-//! Both write POST code 0x10 first, switch to our own GDT and page tables (identity map of the
-//! first 4 GiB with 2 MiB pages, the top GiB uncached for the LAPIC/IOAPIC/PCI MMIO), enable
-//! SSE (the precompiled `core` uses it), zero `.bss`, take the BSP stack and call
-//! `vmkit_bsp_main(proto, info)`.
+//! Both write POST code 0x10 first, note the TSC, switch to our own GDT and page tables
+//! (identity map of the first 4 GiB with 2 MiB pages, the top GiB uncached for the
+//! LAPIC/IOAPIC/PCI MMIO), enable SSE (the precompiled `core` uses it), take the BSP stack and
+//! call `vmkit_bsp_main(proto, info)`. There is no `.bss` to clear: zero-initialised statics
+//! are loaded with the image (see `linker.ld`).
 
 use crate::cpu::{
     BOOT_PROTO_LINUX64, BOOT_PROTO_PVH, CR0_LONG_MODE, CR4_BOOT, EFER_LME, GDT_CODE32,
@@ -35,13 +36,10 @@ core::arch::global_asm!(
     /* ---------------------------------------------------------------- boot data */
     .section .data.boot, "aw"
     .balign 8
-    .global vmkit_boot_info
-vmkit_boot_info:
+    /* TSC at the first instruction (for the vmkit.debug=1 phase timings). */
+    .global vmkit_entry_tsc
+vmkit_entry_tsc:
     .quad 0
-    .global vmkit_boot_proto
-vmkit_boot_proto:
-    .long 0
-    .long 0
 
     /* GDT: null, 64-bit code, data, 32-bit code, then one 16-byte TSS descriptor per CPU
        (filled in at run time). Accessed bits preset so the CPU never writes descriptors. */
@@ -97,16 +95,22 @@ vmkit_bsp_stack:
 vmkit_bsp_stack_top:
 
     /* ---------------------------------------------------------------- PVH entry */
+    /* Both entries keep (protocol, boot information address) in %edi/%rsi, the arguments
+       of vmkit_bsp_main, and touch as little as possible: this host's KVM emulates every
+       guest instruction (~0.5 us each). */
     .section .text.entry, "ax"
     .code32
     .global vmkit_pvh_start
 vmkit_pvh_start:
     movb $0x10, %al
     outb %al, $0x80
+    rdtsc
+    movl %eax, vmkit_entry_tsc
+    movl %edx, vmkit_entry_tsc + 4
     cli
     cld
-    movl %ebx, vmkit_boot_info
-    movl ${proto_pvh}, vmkit_boot_proto
+    movl %ebx, %esi
+    movl ${proto_pvh}, %edi
     lgdt vmkit_gdt_ptr
     movl %cr4, %eax
     orl ${cr4}, %eax
@@ -119,7 +123,7 @@ vmkit_pvh_start:
     wrmsr
     movl ${cr0}, %eax
     movl %eax, %cr0
-    ljmpl ${cs}, $vmkit_common64
+    ljmpl ${cs}, $vmkit_pvh64
 
     /* ---------------------------------------------------------------- Linux64 entry */
     .code64
@@ -128,10 +132,13 @@ vmkit_pvh_start:
 vmkit_linux64_start:
     movb $0x10, %al
     outb %al, $0x80
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, vmkit_entry_tsc(%rip)
     cli
     cld
-    movq %rsi, vmkit_boot_info(%rip)
-    movl ${proto_linux}, vmkit_boot_proto(%rip)
+    movl ${proto_linux}, %edi
     lgdt vmkit_gdt_ptr(%rip)
     movq %cr4, %rax
     orq ${cr4}, %rax
@@ -147,7 +154,11 @@ vmkit_linux64_start:
     lretq
 
     /* ---------------------------------------------------------------- common 64-bit */
+    /* Nothing to zero: zero-initialised statics are part of the loaded image (linker.ld). */
     .balign 16
+vmkit_pvh64:
+    /* Coming from 32-bit code, the upper half of %rsi is undefined. */
+    movl %esi, %esi
 vmkit_common64:
     movl ${ds}, %eax
     movl %eax, %ds
@@ -155,19 +166,7 @@ vmkit_common64:
     movl %eax, %ss
     movl %eax, %fs
     movl %eax, %gs
-    movq %cr4, %rax
-    orq ${cr4}, %rax
-    movq %rax, %cr4
-    leaq __bss_start(%rip), %rdi
-    leaq __bss_end(%rip), %rcx
-    subq %rdi, %rcx
-    shrq $3, %rcx
-    xorl %eax, %eax
-    rep stosq
     leaq vmkit_bsp_stack_top(%rip), %rsp
-    xorl %ebp, %ebp
-    movl vmkit_boot_proto(%rip), %edi
-    movq vmkit_boot_info(%rip), %rsi
     call vmkit_bsp_main
 1:  cli
     hlt
@@ -191,6 +190,8 @@ memcpy:
 
     .balign 16
     .global memmove
+    /* Overlapping with the destination above the source: backwards, the odd bytes at the
+       end first, then quadwords (each read before it is written, highest first). */
 memmove:
     movq %rdi, %rax
     movq %rdx, %rcx
@@ -198,8 +199,14 @@ memmove:
     jbe 2f
     leaq -1(%rsi, %rdx), %rsi
     leaq -1(%rdi, %rdx), %rdi
+    andq $7, %rcx
     std
     rep movsb
+    subq $7, %rsi
+    subq $7, %rdi
+    movq %rdx, %rcx
+    shrq $3, %rcx
+    rep movsq
     cld
     ret
 2:  shrq $3, %rcx
@@ -228,20 +235,30 @@ memset:
     .balign 16
     .global memcmp
     .global bcmp
+    /* Eight bytes per step while they are equal, then bytewise to find the difference. */
 memcmp:
 bcmp:
     xorl %eax, %eax
-    testq %rdx, %rdx
-    jz 4f
-3:  movzbl (%rdi), %eax
+3:  cmpq $8, %rdx
+    jb 5f
+    movq (%rdi), %rcx
+    cmpq (%rsi), %rcx
+    jne 6f
+    addq $8, %rdi
+    addq $8, %rsi
+    subq $8, %rdx
+    jmp 3b
+5:  testq %rdx, %rdx
+    jz 7f
+6:  movzbl (%rdi), %eax
     movzbl (%rsi), %ecx
     subl %ecx, %eax
-    jnz 4f
+    jnz 7f
     incq %rdi
     incq %rsi
     decq %rdx
-    jnz 3b
-4:  ret
+    jnz 6b
+7:  ret
 "#,
     gdt_bytes = const GDT_BYTES,
     bsp_stack = const BSP_STACK_SIZE,
@@ -255,6 +272,17 @@ bcmp:
     ds = const GDT_KERNEL_DS,
     options(att_syntax)
 );
+
+extern "C" {
+    /// TSC value at the first instruction of either entry point.
+    static vmkit_entry_tsc: u64;
+}
+
+/// TSC value read by the first instructions of the entry point.
+pub fn entry_tsc() -> u64 {
+    // SAFETY: written once by the entry code before any Rust code runs, read-only afterwards.
+    unsafe { core::ptr::addr_of!(vmkit_entry_tsc).read_volatile() }
+}
 
 // The 32-bit code selector is only used by the SIPI trampoline; keep the GDT layout in one
 // place (cpu.rs) and make sure it matches the literal descriptors above.

@@ -20,41 +20,36 @@ extern "C" {
 
 /// Builds this CPU's TSS in its per-CPU block, installs its descriptor and loads TR.
 ///
-/// Called once per CPU with its own index, so no two CPUs write the same bytes.
+/// Called once per CPU with its own index, so no two CPUs write the same bytes. Only the
+/// fields the CPU can use are written: IST1..IST3 and the I/O map base. The guest runs at
+/// CPL 0 only and its IDT uses no other IST slot, so RSP0..2 and IST4..7 are never read (the
+/// block is not zeroed: each store here is an emulated instruction on this host's KVM).
 pub fn load_tss(cpu: usize) {
-    assert!(cpu < MAX_CPUS, "cpu index {cpu} out of range");
-    let base = block(cpu);
-    let tss = (base + TSS_OFFSET as u64) as *mut u64;
-    // The TSS as 13 quadwords (the block is not zeroed, so every byte is written): IST1..3 at
-    // byte offsets 36, 44, 52 straddle quadwords, the I/O map base (= size: no bitmap) is the
-    // top half of the last word.
-    let ist = [
-        base + IST1_TOP as u64,
-        base + IST2_TOP as u64,
-        base + IST3_TOP as u64,
-    ];
-    let mut words = [0u64; TSS_SIZE / 8];
-    for (i, top) in ist.iter().enumerate() {
-        let byte = 36 + 8 * i; // 4 mod 8
-        words[byte / 8] |= top << 32;
-        words[byte / 8 + 1] |= top >> 32;
+    install_tss(cpu, block(cpu));
+}
+
+/// [`load_tss`] for CPU `cpu` whose block is at `base` (== `percpu::block(cpu)`, which the
+/// AP entry code already has in hand).
+#[inline(always)]
+pub fn install_tss(cpu: usize, base: u64) {
+    if cpu >= MAX_CPUS {
+        panic!("cpu index out of range");
     }
-    words[12] = (TSS_SIZE as u64) << 48;
+    let tss = base + TSS_OFFSET as u64;
     let limit = (TSS_SIZE - 1) as u64;
-    let low = (limit & 0xFFFF)
-        | ((base & 0xFF_FFFF) << 16)
-        | (0x89 << 40)
-        | (((limit >> 16) & 0xF) << 48)
-        | (((base >> 24) & 0xFF) << 56);
+    let low = limit | ((base & 0xFF_FFFF) << 16) | (0x89 << 40) | (((base >> 24) & 0xFF) << 56);
     let high = base >> 32;
     let selector = GDT_TSS_BASE + 16 * cpu as u16;
-    // SAFETY: `tss` points into this CPU's own per-CPU block (RAM owned by the guest, mapped
-    // by the identity map); the descriptor slot belongs to this CPU index only. `ltr` loads a
-    // valid, available 64-bit TSS descriptor.
+    // SAFETY: the TSS lies in this CPU's own per-CPU block (RAM owned by the guest, mapped by
+    // the identity map); IST1..3 sit at byte offsets 36, 44, 52 (unaligned in a packed
+    // structure) and the I/O map base at 102. The descriptor slot belongs to this CPU index
+    // only. `ltr` loads a valid, available 64-bit TSS descriptor.
     unsafe {
-        for (i, w) in words.iter().enumerate() {
-            tss.add(i).write(*w);
-        }
+        ((tss + 36) as *mut u64).write_unaligned(base + IST1_TOP as u64);
+        ((tss + 44) as *mut u64).write_unaligned(base + IST2_TOP as u64);
+        ((tss + 52) as *mut u64).write_unaligned(base + IST3_TOP as u64);
+        // I/O map base = TSS size: no I/O permission bitmap.
+        ((tss + 102) as *mut u16).write_unaligned(TSS_SIZE as u16);
         let gdt = core::ptr::addr_of_mut!(vmkit_gdt) as *mut u8;
         let slot = gdt.add(selector as usize) as *mut u64;
         slot.write_volatile(low);

@@ -45,22 +45,11 @@ vmkit_isr_stubs:
 
     .text
     .balign 16
+    /* No handler returns to the interrupted code (see the module docs), so no register is
+       saved: the frame is what the CPU and the stub pushed, plus one slot that keeps the
+       stack 16-byte aligned for the call, as the ABI wants. */
 vmkit_isr_common:
     pushq %rax
-    pushq %rcx
-    pushq %rdx
-    pushq %rbx
-    pushq %rbp
-    pushq %rsi
-    pushq %rdi
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
     movq %rsp, %rdi
     cld
     call vmkit_trap
@@ -87,22 +76,26 @@ vmkit_idt:
     .quad vmkit_h >> 32
     .set vmkit_vec, vmkit_vec + 1
     .endr
+
+    /* Its pseudo-descriptor, so that loading it is a single `lidt`. */
+    .balign 16
+vmkit_idt_ptr:
+    .word {idt_limit}
+    .quad vmkit_idt
+    .global vmkit_idt_ptr
 "#,
     stubs = const ISR_STUBS_ADDR,
     cs = const GDT_KERNEL_CS,
+    idt_limit = const IDT_ENTRIES * 16 - 1,
     options(att_syntax)
 );
 
-extern "C" {
-    static vmkit_idt: u8;
-}
-
-/// Register state saved by the common stub, lowest address first.
+/// The interrupt frame as the common stub hands it over, lowest address first.
 #[repr(C)]
 #[derive(Debug)]
 pub struct TrapFrame {
-    /// General-purpose registers, pushed by the stub (r15 first in memory).
-    pub regs: [u64; 15],
+    /// Alignment slot pushed by the common stub (the interrupted %rax, unused).
+    pub pad: u64,
     /// Vector number.
     pub vector: u64,
     /// Error code (0 where the CPU pushes none).
@@ -126,13 +119,15 @@ struct DescriptorPointer {
 }
 
 /// Loads the IDT on this CPU.
+#[inline(always)]
 pub fn load() {
-    let ptr = DescriptorPointer {
-        limit: (IDT_ENTRIES * 16 - 1) as u16,
-        base: core::ptr::addr_of!(vmkit_idt) as u64,
-    };
-    // SAFETY: the IDT is complete static data (built by the assembler).
-    unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) }
+    // SAFETY: `vmkit_idt_ptr` describes the IDT, complete static data built by the assembler.
+    unsafe {
+        asm!(
+            "lidt [rip + vmkit_idt_ptr]",
+            options(readonly, nostack, preserves_flags)
+        )
+    }
 }
 
 /// Loads an empty IDT (limit 0): the next exception triple-faults. Used by the exit path.

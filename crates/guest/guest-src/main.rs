@@ -87,27 +87,31 @@ impl PhysMem for IdentityMem {
         self.load(addr)
     }
 
-    /// Byte sum from 8-byte loads (fewer emulated instructions than a byte loop).
+    /// Byte sum from 8-byte loads, the range checked once (fewer emulated instructions than
+    /// a byte loop: about one per byte).
     fn checksum(&self, addr: u64, len: u64) -> Option<u8> {
         let end = addr.checked_add(len)?;
         if end > 1 << 32 {
             return None;
         }
         const LO: u64 = 0x00FF_00FF_00FF_00FF;
-        let (mut sum, mut lanes, mut at, mut n) = (0u8, 0u64, addr, 0u32);
-        while at + 8 <= end {
-            let w: u64 = self.load(at)?;
-            lanes += (w & LO) + ((w >> 8) & LO);
-            at += 8;
-            n += 1;
-            if n == 128 {
-                // 16-bit lanes hold at most 256 * 255: fold before they can overflow.
-                sum = sum.wrapping_add(fold_lanes(lanes));
-                lanes = 0;
-                n = 0;
+        let mut sum = 0u8;
+        let mut at = addr;
+        // Runs of at most 128 words: each adds at most 2 * 255 to a 16-bit lane.
+        while end - at >= 8 {
+            let words = ((end - at) / 8).min(128);
+            let mut lanes = 0u64;
+            let mut p = at as *const u64;
+            for _ in 0..words {
+                // SAFETY: `at + 8 * words <= end <= 4 GiB`: inside the identity map.
+                let w = unsafe { p.read_unaligned() };
+                lanes += (w & LO) + ((w >> 8) & LO);
+                // SAFETY: stays within (one past) the checked range.
+                p = unsafe { p.add(1) };
             }
+            sum = sum.wrapping_add(fold_lanes(lanes));
+            at += words * 8;
         }
-        sum = sum.wrapping_add(fold_lanes(lanes));
         while at < end {
             sum = sum.wrapping_add(self.load::<u8>(at)?);
             at += 1;
@@ -155,13 +159,18 @@ impl CpuSource {
     }
 }
 
+/// Large per-boot state, kept off the BSP stack: statics are zero-initialised data loaded
+/// with the image, so nothing here is zeroed or copied at run time. Used by the BSP only.
 struct Statics {
+    boot: BootInfo,
     expected: ApicIdSet<MAX_CPUS>,
+    online: ApicIdSet<MAX_CPUS>,
 }
 
-/// Large per-boot state kept off the BSP stack (single use, by the BSP only).
 static mut STATICS: Statics = Statics {
+    boot: BootInfo::new(bootinfo::BootProtocol::Pvh),
     expected: ApicIdSet::new(),
+    online: ApicIdSet::new(),
 };
 
 fn mask_legacy_pic() {
@@ -176,18 +185,27 @@ extern "C" fn vmkit_bsp_main(proto: u32, info: u64) -> ! {
     gdt::load_tss(0);
     idt::load();
     mask_legacy_pic();
+    // INIT the other CPUs right away (only the BSP's APIC mode is needed for that): each AP's
+    // host thread handles its INIT while the BSP reads the boot information and the tables.
+    // The STARTUP follows once the BSP has the CPU list (`smp::start_aps`).
+    apic::init_bsp();
+    smp::send_init();
+    let t_init = cpu::rdtsc();
 
+    // SAFETY: only the BSP touches STATICS, and only here (one boot, one call).
+    let statics = unsafe { &mut *core::ptr::addr_of_mut!(STATICS) };
     let mem = IdentityMem;
-    let boot = match proto {
-        cpu::BOOT_PROTO_PVH => BootInfo::from_pvh(&mem, info),
-        cpu::BOOT_PROTO_LINUX64 => BootInfo::from_linux(&mem, info),
+    let read = match proto {
+        cpu::BOOT_PROTO_PVH => statics.boot.read_pvh(&mem, info),
+        cpu::BOOT_PROTO_LINUX64 => statics.boot.read_linux(&mem, info),
         _ => panic!("unknown boot protocol"),
     };
-    let boot = match boot {
-        Ok(b) => b,
+    match read {
+        Ok(()) => {}
         Err(bootinfo::BootInfoError::BadPvhMagic(_)) => panic!("bad hvm_start_info magic"),
         Err(bootinfo::BootInfoError::Unreadable(_)) => panic!("boot information unreadable"),
-    };
+    }
+    let boot: &BootInfo = &statics.boot;
 
     // Fault injection for testing the handlers: vmkit.fault=panic|ud2.
     match boot.option("vmkit.fault") {
@@ -197,10 +215,11 @@ extern "C" fn vmkit_bsp_main(proto: u32, info: u64) -> ! {
         _ => {}
     }
     let debug = boot.option("vmkit.debug") == Some(b"1");
+    if debug {
+        smp::time_aps();
+    }
     let t_boot = cpu::rdtsc();
 
-    // SAFETY: only the BSP touches STATICS, once.
-    let statics = unsafe { &mut *core::ptr::addr_of_mut!(STATICS) };
     let expected = &mut statics.expected;
     let source = if acpi::discover_cpus(&mem, boot.rsdp, expected).is_some() {
         CpuSource::Acpi
@@ -216,20 +235,31 @@ extern "C" fn vmkit_bsp_main(proto: u32, info: u64) -> ! {
         panic!("the firmware tables list more CPUs than the guest supports (1024)");
     }
 
-    apic::init_bsp();
-    let (tsc_khz, tsc_source) = tsc::calibrate();
-    let t_tsc = cpu::rdtsc();
     if matches!(source, CpuSource::None) {
         // No firmware tables: expect just the BSP.
         expected.insert(apic::id());
     }
 
     // Everything needed from low memory has been read: the trampoline may go to 0x8000 now.
+    // Start the APs first; what the BSP still needs for waiting (its own record, the TSC
+    // frequency for the timeouts) is done while they come up.
     let expected: &'static ApicIdSet<MAX_CPUS> = expected;
-    let outcome = smp::bring_up(&boot, expected, tsc_khz);
-    if outcome.all_online {
+    let started = smp::start_aps(boot, expected);
+    let t_sipi = cpu::rdtsc();
+    let bsp = smp::record_bsp();
+    let (tsc_khz, tsc_source) = tsc::calibrate();
+    let t_tsc = cpu::rdtsc();
+    let waited = smp::wait_online(&started, tsc_khz);
+    if waited.all_online {
         post(POST_ALL_ONLINE);
     }
+    let t_online = cpu::rdtsc();
+    smp::finish_wait();
+
+    // Checking the records and reporting come after "all online".
+    let online = &mut statics.online;
+    let outcome = smp::collect(&started, online);
+    let t_collect = cpu::rdtsc();
     let expected_n = expected.len() as u32;
     let code = if outcome.cpus == expected_n && outcome.consistent {
         EXIT_OK
@@ -244,15 +274,10 @@ extern "C" fn vmkit_bsp_main(proto: u32, info: u64) -> ! {
             &mut s,
             outcome.cpus,
             expected_n,
-            outcome.ids.as_slice(),
+            online.as_slice(),
             apic::is_x2apic(),
         );
-        report::write_topo_line(
-            &mut s,
-            outcome.smt_bits,
-            outcome.core_bits,
-            outcome.consistent,
-        );
+        report::write_topo_line(&mut s, bsp.smt_bits, bsp.core_bits, outcome.consistent);
     }
     if debug {
         let (ran, posted) = smp::ping_aps(outcome.max_cpu, tsc_khz, 1000);
@@ -265,16 +290,26 @@ extern "C" fn vmkit_bsp_main(proto: u32, info: u64) -> ! {
         s.put_dec(tsc_khz);
         s.put_str(" tsc_source=");
         s.put_str(tsc_source.name());
+        s.put_str(" entry_us=");
+        s.put_dec(us(t_main.wrapping_sub(entry::entry_tsc())));
+        s.put_str(" init_us=");
+        s.put_dec(us(t_init - t_main));
         s.put_str(" bootinfo_us=");
-        s.put_dec(us(t_boot - t_main));
+        s.put_dec(us(t_boot - t_init));
         s.put_str(" tables_us=");
         s.put_dec(us(t_tables - t_boot));
+        s.put_str(" sipi_us=");
+        s.put_dec(us(t_sipi - t_tables));
         s.put_str(" tsc_us=");
-        s.put_dec(us(t_tsc - t_tables));
+        s.put_dec(us(t_tsc - t_sipi));
         s.put_str(" bringup_us=");
-        s.put_dec(us(outcome.elapsed_tsc));
+        s.put_dec(us(waited.elapsed_tsc));
+        s.put_str(" entry_to_online_us=");
+        s.put_dec(us(t_online.wrapping_sub(entry::entry_tsc())));
+        s.put_str(" collect_us=");
+        s.put_dec(us(t_collect - t_online));
         s.put_str(" sipi_resends=");
-        s.put_dec(u64::from(outcome.resends));
+        s.put_dec(u64::from(waited.resends));
         if let Some(t) = outcome.mismatch {
             s.put_str(" mismatch=");
             s.put_dec(u64::from(t.apic_id));
@@ -285,6 +320,14 @@ extern "C" fn vmkit_bsp_main(proto: u32, info: u64) -> ! {
             }
             s.put_str("/");
             s.put_dec(u64::from(t.initial_apic_id));
+        }
+        if let Some(t) = smp::ap_times(&started, outcome.max_cpu) {
+            s.put_str(" ap_first_us=");
+            s.put_dec(us(t.first_start));
+            s.put_str(" ap_last_us=");
+            s.put_dec(us(t.last_start));
+            s.put_str(" ap_run_us=");
+            s.put_dec(us(t.mean_run));
         }
         s.put_str(" jobs=");
         s.put_dec(u64::from(ran));

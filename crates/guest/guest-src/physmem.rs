@@ -79,13 +79,45 @@ impl<const N: usize> ApicIdSet<N> {
     }
 
     /// Adds `id` (ignored if present; sets the overflow flag if the set is full).
+    #[inline(always)]
     pub fn insert(&mut self, id: u32) {
-        // Fast path: firmware lists CPUs in ascending order.
-        if self.len < N && (self.len == 0 || self.ids[self.len - 1] < id) {
-            self.ids[self.len] = id;
-            self.len += 1;
+        // Fast path (inlined): firmware lists CPUs in ascending order.
+        let len = self.len;
+        if len < N && (len == 0 || self.ids[len - 1] < id) {
+            self.ids[len] = id;
+            self.len = len + 1;
             return;
         }
+        self.insert_sorted(id);
+    }
+
+    /// Adds every ID `ids` yields, as [`Self::insert`] would one by one, keeping the length
+    /// and the largest ID in registers while the IDs arrive in ascending order.
+    #[inline(always)]
+    pub fn insert_all(&mut self, ids: impl Iterator<Item = u32>) {
+        let mut len = self.len;
+        let mut last = if len == 0 {
+            None
+        } else {
+            self.ids.get(len - 1).copied()
+        };
+        for id in ids {
+            if len < N && last.is_none_or(|l| l < id) {
+                self.ids[len] = id;
+                len += 1;
+                last = Some(id);
+            } else {
+                self.len = len;
+                self.insert_sorted(id);
+                len = self.len;
+                last = self.ids.get(len.wrapping_sub(1)).copied();
+            }
+        }
+        self.len = len;
+    }
+
+    #[inline(never)]
+    fn insert_sorted(&mut self, id: u32) {
         let cur = &self.ids[..self.len];
         match cur.binary_search(&id) {
             Ok(_) => {}
@@ -125,10 +157,5 @@ impl<const N: usize> ApicIdSet<N> {
     /// `true` if an insert was dropped because the set was full.
     pub fn overflowed(&self) -> bool {
         self.overflow
-    }
-
-    /// Position of `id` in [`Self::as_slice`].
-    pub fn position(&self, id: u32) -> Option<usize> {
-        self.as_slice().binary_search(&id).ok()
     }
 }

@@ -1,18 +1,34 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
 //! Application-processor bring-up: SIPI trampoline, INIT/SIPI, per-AP records, parking.
 //!
-//! Sequence (BSP, [`bring_up`]): record itself, size the AP area (one per-CPU block per
-//! expected AP, carved from RAM after the image), copy the trampoline to [`TRAMPOLINE_ADDR`],
-//! broadcast INIT and one STARTUP (no textbook 10 ms wait: KVM queues INIT and SIPI and handles
-//! them in order), then poll. CPUs still missing after [`FIRST_RESEND_MS`] get a per-ID
-//! STARTUP again, then every [`RESEND_MS`], until [`TIMEOUT_MS`]. A STARTUP sent to a CPU that
-//! is already running is ignored by the CPU, so re-sending is harmless.
+//! Everything here is shaped by the cost of a guest instruction on an emulating KVM (this
+//! development host's: ~0.5 us per instruction, several us per CPUID or MSR access, all vCPUs
+//! sharing two host cores): the APs' path is as short as it can be, and the BSP does nothing
+//! on the way to "all online" that can wait until after it.
 //!
-//! Each AP (real mode at 0x8000 -> protected mode -> long mode on the boot page tables, in
-//! `vmkit_ap_entry64`) takes a CPU index with an atomic increment, uses the stack of that
-//! index's per-CPU block, loads the GDT/TSS/IDT, enables its LAPIC in the BSP's mode, records
-//! its APIC ID and CPUID topology, counts itself online and parks. An AP beyond the prepared
-//! slots counts itself in `vmkit_ap_extra` and halts without touching memory.
+//! Sequence:
+//! - [`send_init`] (BSP, first thing in main): broadcast INIT. Each AP's host thread handles
+//!   it (a vCPU reset) while the BSP reads the boot information and the firmware tables,
+//!   instead of between the BSP's INIT and STARTUP.
+//! - [`start_aps`] (BSP, once it has the CPU list): size the AP area (one per-CPU block per
+//!   expected AP, carved from RAM after the image), fill the APIC ID -> position table the
+//!   APs look themselves up in (unless the IDs are the dense 0, 1, 2, ...), copy the
+//!   trampoline to [`TRAMPOLINE_ADDR`], broadcast one STARTUP (no textbook 10 ms wait: KVM
+//!   queues INIT and SIPI and handles them in order).
+//! - [`record_bsp`] (BSP, while the APs start): its own record.
+//! - [`wait_online`] (BSP): sleep in `hlt` until the last expected AP wakes it with an IPI.
+//!   CPUs still missing after [`FIRST_RESEND_MS`] get a per-ID STARTUP again, then every
+//!   [`RESEND_MS`], until [`TIMEOUT_MS`]. A STARTUP sent to a CPU that is already running is
+//!   ignored by the CPU, so re-sending is harmless. [`finish_wait`] stops the timer.
+//! - [`collect`] (BSP, after POST 0x30): check every record, build the online ID set.
+//!
+//! Each AP goes from real mode at 0x8000 straight to long mode (PAE, page tables, EFER.LME,
+//! then PE and PG in one CR0 write; the far jump loads the image's GDT code segment), takes a
+//! CPU index with an atomic increment and the stack of that index's per-CPU block
+//! (`vmkit_ap_entry64`), loads the IDT and its TSS, enables its LAPIC in the BSP's mode,
+//! records its APIC ID and CPUID topology, counts itself online if it is expected and parks.
+//! An AP beyond the prepared slots counts itself in `vmkit_ap_extra` and halts without
+//! touching memory.
 //!
 //! Parking ([`park`]): with interrupts off the AP checks its job mailbox, then waits with
 //! `sti; hlt` (race-free: an IPI already pending wakes the `hlt`; see
@@ -21,13 +37,14 @@
 use crate::apic;
 use crate::bootinfo::BootInfo;
 use crate::cpu::{
-    cli, cpuid, max_basic_leaf, pause, rdtsc, CR0_LONG_MODE, CR4_BOOT, EFER_LME, GDT_CODE32,
-    GDT_KERNEL_CS, GDT_KERNEL_DS, MSR_EFER,
+    cli, cpuid, max_basic_leaf, pause, rdtsc, CR0_LONG_MODE, CR4_BOOT, EFER_LME, GDT_KERNEL_CS,
+    GDT_KERNEL_DS, MSR_EFER,
 };
+use crate::gdt::GDT_BYTES;
 use crate::idt::WAKE_VECTOR;
 use crate::percpu::{vmkit_ap_area, wait_for_interrupt, BLOCK_SHIFT, BLOCK_SIZE, MAX_CPUS};
 use crate::physmem::ApicIdSet;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// Physical address the SIPI trampoline is copied to (STARTUP vector 0x08).
 pub const TRAMPOLINE_ADDR: u64 = 0x8000;
@@ -35,74 +52,59 @@ pub const TRAMPOLINE_ADDR: u64 = 0x8000;
 pub const SIPI_VECTOR: u8 = (TRAMPOLINE_ADDR >> 12) as u8;
 /// Room reserved for the trampoline (0x8000..0x8FFF).
 const TRAMPOLINE_MAX: usize = 4096;
-/// First per-ID STARTUP re-send to missing CPUs, after this many ms.
-pub const FIRST_RESEND_MS: u64 = 20;
+/// First per-ID STARTUP re-send to missing CPUs, after this many ms. KVM does not lose
+/// INIT/SIPI, so a CPU still missing is nearly always one that is slow (its host thread not
+/// scheduled yet); re-sending early only adds exits. This leaves room for a loaded host.
+pub const FIRST_RESEND_MS: u64 = 100;
 /// Later re-sends, every this many ms.
 pub const RESEND_MS: u64 = 100;
 /// Give up waiting for missing CPUs after this many ms.
 pub const TIMEOUT_MS: u64 = 2000;
 /// Slots prepared beyond the expected AP count, for CPUs the firmware tables did not list.
 const SLACK_SLOTS: usize = 16;
+/// APIC IDs below this find their position in the expected set through [`POS_OF`] (one
+/// load); larger ones by binary search.
+const POS_TABLE_LEN: usize = 4096;
 
 core::arch::global_asm!(
     r#"
-    /* SIPI trampoline template: copied to {base}, entered in real mode with CS=0x0800, IP=0.
-       Uses only its own page (GDT inside it) and the image's page tables. */
+    /* SIPI trampoline template: copied to {base}, entered in real mode with CS=0x0800, IP=0,
+       interrupts off and DF clear (the INIT state). Goes straight to long mode: PAE and the
+       image's page tables, EFER.LME (EFER is 0 after INIT: no read-modify-write), then PE
+       and PG in one CR0 write, which lands in compatibility mode; the far jump loads the
+       64-bit code segment of the image's GDT (the pseudo-descriptor below points at it). */
     .section .trampoline, "a"
     .balign 16
     .global vmkit_trampoline_start
     .code16
 vmkit_trampoline_start:
-    cli
-    cld
-    movw %cs, %ax
-    movw %ax, %ds
-    lgdtl (vmkit_tramp_gdtr - vmkit_trampoline_start)
-    movl $0x33, %eax
-    movl %eax, %cr0
-    ljmpl ${code32}, $(vmkit_tramp32 - vmkit_trampoline_start + {base})
-    .code32
-vmkit_tramp32:
-    movl ${ds}, %eax
-    movl %eax, %ds
-    movl %eax, %es
-    movl %eax, %ss
-    movl %cr4, %eax
-    orl ${cr4}, %eax
+    lgdtl %cs:(vmkit_tramp_gdtr - vmkit_trampoline_start)
+    movl ${cr4}, %eax
     movl %eax, %cr4
     movl $vmkit_pml4, %eax
     movl %eax, %cr3
     movl ${efer}, %ecx
-    rdmsr
-    orl ${lme}, %eax
+    movl ${lme}, %eax
+    xorl %edx, %edx
     wrmsr
     movl ${cr0}, %eax
     movl %eax, %cr0
     ljmpl ${cs}, $vmkit_ap_entry64
-    .balign 8
-vmkit_tramp_gdt:
-    .quad 0
-    .quad 0x00af9b000000ffff
-    .quad 0x00cf93000000ffff
-    .quad 0x00cf9b000000ffff
-vmkit_tramp_gdt_end:
+    .balign 4
 vmkit_tramp_gdtr:
-    .word vmkit_tramp_gdt_end - vmkit_tramp_gdt - 1
-    .long vmkit_tramp_gdt - vmkit_trampoline_start + {base}
+    .word {gdt_bytes} - 1
+    .long vmkit_gdt
     .global vmkit_trampoline_end
 vmkit_trampoline_end:
 
-    /* AP long-mode entry (in the image). */
+    /* AP long-mode entry (in the image). Only SS is reloaded: in 64-bit mode DS/ES ignore
+       their base and limit, and nothing uses FS/GS. */
     .text
     .code64
     .balign 16
 vmkit_ap_entry64:
     movl ${ds}, %eax
-    movl %eax, %ds
-    movl %eax, %es
     movl %eax, %ss
-    movl %eax, %fs
-    movl %eax, %gs
     movl $1, %eax
     lock xaddl %eax, vmkit_ap_next(%rip)
     cmpl vmkit_ap_slots(%rip), %eax
@@ -111,12 +113,7 @@ vmkit_ap_entry64:
     movq %rdi, %rsp
     shlq ${shift}, %rsp
     addq vmkit_ap_area(%rip), %rsp
-    lgdt vmkit_gdt_ptr(%rip)
-    pushq ${cs}
-    leaq 1f(%rip), %rax
-    pushq %rax
-    lretq
-1:  xorl %ebp, %ebp
+    leaq -{block_size}(%rsp), %rsi
     call vmkit_ap_main
     ud2
 9:  lock incl vmkit_ap_extra(%rip)
@@ -125,7 +122,6 @@ vmkit_ap_entry64:
     jmp 8b
 "#,
     base = const TRAMPOLINE_ADDR,
-    code32 = const GDT_CODE32,
     ds = const GDT_KERNEL_DS,
     cs = const GDT_KERNEL_CS,
     cr4 = const CR4_BOOT,
@@ -133,6 +129,8 @@ vmkit_ap_entry64:
     efer = const MSR_EFER,
     lme = const EFER_LME,
     shift = const BLOCK_SHIFT,
+    gdt_bytes = const GDT_BYTES,
+    block_size = const BLOCK_SIZE,
     options(att_syntax)
 );
 
@@ -172,7 +170,12 @@ pub struct Topology {
 
 impl Topology {
     /// Reads this CPU's topology (its LAPIC must be enabled in the system's mode).
-    pub fn read() -> Topology {
+    /// `max_leaf` is the highest basic CPUID leaf (the BSP reads it once for everyone).
+    ///
+    /// Leaf 0xB is walked from subleaf 0 up to the core level, the highest level that leaf
+    /// defines (three CPUID instructions on a typical CPU; each is an exit).
+    #[inline(always)]
+    pub fn read(max_leaf: u32) -> Topology {
         let initial_apic_id = cpuid(1, 0).ebx >> 24;
         let mut t = Topology {
             apic_id: apic::id(),
@@ -181,26 +184,39 @@ impl Topology {
             smt_bits: 0,
             core_bits: 0,
         };
-        if max_basic_leaf() >= 0xB && cpuid(0xB, 0).ebx & 0xFFFF != 0 {
-            let (mut smt_shift, mut core_shift) = (0u32, None);
-            for sub in 0..8 {
-                let r = cpuid(0xB, sub);
-                let level_type = (r.ecx >> 8) & 0xFF;
-                if level_type == 0 {
+        if max_leaf < 0xB {
+            return t;
+        }
+        let mut r = cpuid(0xB, 0);
+        if r.ebx & 0xFFFF == 0 {
+            return t;
+        }
+        let (mut smt_shift, mut core_shift) = (0u32, None);
+        let mut sub = 0;
+        loop {
+            let level_type = (r.ecx >> 8) & 0xFF;
+            if level_type == 0 {
+                break;
+            }
+            if sub == 0 {
+                t.x2apic_id = Some(r.edx);
+            }
+            match level_type {
+                1 => smt_shift = r.eax & 0x1F,
+                2 => {
+                    core_shift = Some(r.eax & 0x1F);
                     break;
                 }
-                if sub == 0 {
-                    t.x2apic_id = Some(r.edx);
-                }
-                match level_type {
-                    1 => smt_shift = r.eax & 0x1F,
-                    2 => core_shift = Some(r.eax & 0x1F),
-                    _ => {}
-                }
+                _ => {}
             }
-            t.smt_bits = smt_shift;
-            t.core_bits = core_shift.map_or(0, |c| c.saturating_sub(smt_shift));
+            sub += 1;
+            if sub == 8 {
+                break;
+            }
+            r = cpuid(0xB, sub);
         }
+        t.smt_bits = smt_shift;
+        t.core_bits = core_shift.map_or(0, |c| c.saturating_sub(smt_shift));
         t
     }
 
@@ -214,8 +230,8 @@ impl Topology {
 /// A job for a parked CPU: `f(arg)`.
 pub type Job = extern "C" fn(u64);
 
-/// What one CPU recorded about itself. Only integer atomics (any bit pattern is valid): the
-/// table lives in `.noinit` and the BSP clears the records it will use ([`CpuRecord::clear`]).
+/// What one CPU recorded about itself. Only integer atomics, all zero at boot (the table is
+/// zero-initialised data, loaded with the image: nothing to clear at run time).
 struct CpuRecord {
     /// `FLAG_VALID | FLAG_X2APIC_ID`, initial APIC ID in bits 8..16, SMT width in 16..24,
     /// core width in 24..32.
@@ -240,11 +256,6 @@ impl CpuRecord {
         }
     }
 
-    fn clear(&self) {
-        self.info.store(0, Ordering::Relaxed);
-        self.job.store(0, Ordering::Relaxed);
-    }
-
     fn valid(&self) -> bool {
         self.info.load(Ordering::Acquire) & FLAG_VALID != 0
     }
@@ -264,30 +275,57 @@ impl CpuRecord {
     }
 }
 
-#[link_section = ".noinit.cpus"]
 static CPUS: [CpuRecord; MAX_CPUS] = [const { CpuRecord::new() }; MAX_CPUS];
 
 /// The expected APIC IDs (set by the BSP before any AP starts, read-only afterwards).
 static EXPECTED: AtomicPtr<ApicIdSet<MAX_CPUS>> = AtomicPtr::new(core::ptr::null_mut());
 static NO_CPUS: ApicIdSet<MAX_CPUS> = ApicIdSet::new();
+/// `SEEN[p]`: the CPU with the `p`-th expected APIC ID has recorded itself.
 static SEEN: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 /// Expected APs (not the BSP) that came online.
 static SEEN_APS: AtomicU32 = AtomicU32::new(0);
 static BSP_APIC_ID: AtomicU32 = AtomicU32::new(0);
 /// Number of expected APs (the one that completes the count wakes the BSP).
 static AP_TARGET: AtomicU32 = AtomicU32::new(0);
+/// Highest basic CPUID leaf (read once by the BSP).
+static MAX_LEAF: AtomicU32 = AtomicU32::new(0);
+/// `POS_OF[id]`: position of APIC ID `id` in the expected set, for `id < POS_TABLE_LEN`.
+/// Written by the BSP for the expected IDs only (and only when they are not dense) and never
+/// cleared: an entry is trusted only when the expected set has `id` at that position (a
+/// sparse-set lookup), so whatever the other entries hold is harmless.
+#[link_section = ".noinit.pos"]
+static POS_OF: [AtomicU16; POS_TABLE_LEN] = [const { AtomicU16::new(0) }; POS_TABLE_LEN];
 
-/// The expected APIC IDs (empty before [`bring_up`]).
+/// The expected APIC IDs (empty before [`start_aps`]).
 pub fn expected() -> &'static ApicIdSet<MAX_CPUS> {
     let p = EXPECTED.load(Ordering::Acquire);
     if p.is_null() {
         &NO_CPUS
     } else {
-        // SAFETY: set once by `bring_up` from a `&'static` that is never written afterwards.
+        // SAFETY: set once by `start_aps` from a `&'static` that is never written afterwards.
         unsafe { &*p }
     }
 }
 
+/// Position of `id` in the expected set: `id` itself when the set has it there (the usual
+/// dense numbering 0, 1, 2, ...), else through [`POS_OF`] (filled when the set is not dense),
+/// else (large IDs) by binary search.
+#[inline(always)]
+fn position(id: u32) -> Option<usize> {
+    let want = expected().as_slice();
+    if want.get(id as usize) == Some(&id) {
+        return Some(id as usize);
+    }
+    match POS_OF.get(id as usize) {
+        Some(slot) => {
+            let p = usize::from(slot.load(Ordering::Relaxed));
+            (want.get(p) == Some(&id)).then_some(p)
+        }
+        None => want.binary_search(&id).ok(),
+    }
+}
+
+#[inline(always)]
 fn record(cpu: usize, t: &Topology) {
     let Some(r) = CPUS.get(cpu) else { return };
     r.apic_id.store(t.apic_id, Ordering::Relaxed);
@@ -303,26 +341,49 @@ fn record(cpu: usize, t: &Topology) {
         | ((t.smt_bits & 0xFF) << 16)
         | ((t.core_bits & 0xFF) << 24);
     r.info.store(info, Ordering::Release);
-    if let Some(p) = expected().position(t.apic_id) {
+    if let Some(p) = position(t.apic_id) {
         let bsp = BSP_APIC_ID.load(Ordering::Relaxed);
         if !SEEN[p].swap(true, Ordering::AcqRel)
             && t.apic_id != bsp
             && SEEN_APS.fetch_add(1, Ordering::AcqRel) + 1 == AP_TARGET.load(Ordering::Relaxed)
         {
-            // The last expected AP wakes the BSP (halted in `bring_up`).
+            // The last expected AP wakes the BSP (halted in `wait_online`).
             apic::send_fixed(bsp, WAKE_VECTOR);
         }
     }
 }
 
+/// AP main: `cpu` is the CPU index taken in `vmkit_ap_entry64`, `block` its per-CPU block
+/// (the entry code has the address at hand: the stack top is the block's end).
 #[no_mangle]
-extern "C" fn vmkit_ap_main(cpu: u32) -> ! {
+extern "C" fn vmkit_ap_main(cpu: u32, block: u64) -> ! {
     let cpu = cpu as usize;
-    crate::gdt::load_tss(cpu);
+    let timed = AP_TIMES.load(Ordering::Relaxed);
+    if timed {
+        note_time(&AP_START_TSC, cpu);
+    }
     crate::idt::load();
+    crate::gdt::install_tss(cpu, block);
     apic::init_ap();
-    record(cpu, &Topology::read());
+    record(cpu, &Topology::read(MAX_LEAF.load(Ordering::Relaxed)));
+    if timed {
+        note_time(&AP_DONE_TSC, cpu);
+    }
     park(cpu)
+}
+
+/// `vmkit.debug=1`: the APs note when they reach long mode and when they have recorded
+/// themselves (two flag checks otherwise).
+static AP_TIMES: AtomicBool = AtomicBool::new(false);
+#[link_section = ".noinit.ap_times"]
+static AP_START_TSC: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+#[link_section = ".noinit.ap_times"]
+static AP_DONE_TSC: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn note_time(table: &[AtomicU64; MAX_CPUS], cpu: usize) {
+    if let Some(t) = table.get(cpu) {
+        t.store(rdtsc(), Ordering::Relaxed);
+    }
 }
 
 /// Parks this CPU: runs jobs posted with [`post_job`], sleeps in `hlt` otherwise.
@@ -357,24 +418,32 @@ pub fn post_job(cpu: usize, f: Job, arg: u64) -> bool {
     true
 }
 
-/// Result of [`bring_up`].
-pub struct Outcome {
-    /// CPUs online, BSP included (APs without a slot included).
-    pub cpus: u32,
-    /// APIC IDs of the CPUs that recorded themselves, ascending.
-    pub ids: ApicIdSet<MAX_CPUS>,
-    /// Every CPU's CPUID IDs match its LAPIC ID and the online set equals the expected set.
-    pub consistent: bool,
-    /// BSP's SMT width (leaf 0xB).
-    pub smt_bits: u32,
-    /// BSP's core width (leaf 0xB).
-    pub core_bits: u32,
+/// APs started by [`start_aps`].
+pub struct Started {
+    /// Expected APs (the expected CPUs other than the BSP).
+    aps: usize,
+    /// AP slots (per-CPU blocks) prepared.
+    slots: usize,
+    /// TSC when the INIT was sent.
+    start_tsc: u64,
+}
+
+/// Result of [`wait_online`].
+pub struct Waited {
     /// All expected APs came online before the timeout.
     pub all_online: bool,
-    /// TSC ticks from the first INIT to all online (or the timeout).
+    /// TSC ticks from the INIT to all online (or the timeout).
     pub elapsed_tsc: u64,
     /// Per-ID STARTUP re-sends.
     pub resends: u32,
+}
+
+/// Result of [`collect`].
+pub struct Outcome {
+    /// CPUs online, BSP included (APs without a slot included).
+    pub cpus: u32,
+    /// Every CPU's CPUID IDs match its LAPIC ID and the online set equals the expected set.
+    pub consistent: bool,
     /// Highest CPU index that may hold a record.
     pub max_cpu: usize,
     /// The first CPU whose CPUID IDs disagree with its LAPIC ID (diagnostics).
@@ -385,19 +454,23 @@ fn copy_trampoline() {
     let start = core::ptr::addr_of!(vmkit_trampoline_start);
     let end = core::ptr::addr_of!(vmkit_trampoline_end);
     let len = end as usize - start as usize;
-    assert!(len <= TRAMPOLINE_MAX, "SIPI trampoline is {len} bytes");
+    if len > TRAMPOLINE_MAX {
+        panic!("SIPI trampoline larger than its page");
+    }
     // SAFETY: 0x8000..0x8FFF is reserved for the guest's trampoline by the boot contract
     // (boot data lives at 0x6000/0x7000 and was copied out before this point); identity-mapped.
     unsafe { core::ptr::copy_nonoverlapping(start, TRAMPOLINE_ADDR as *mut u8, len) }
 }
 
-/// Starts every expected AP and waits for them (see the module docs).
-pub fn bring_up(boot: &BootInfo, want: &'static ApicIdSet<MAX_CPUS>, tsc_khz: u64) -> Outcome {
-    let bsp = Topology::read();
-    BSP_APIC_ID.store(bsp.apic_id, Ordering::Relaxed);
+/// Starts every expected AP (see the module docs). The caller must have enabled the BSP's
+/// LAPIC ([`apic::init_bsp`]) and read everything it needs from low memory.
+pub fn start_aps(boot: &BootInfo, want: &'static ApicIdSet<MAX_CPUS>) -> Started {
+    let bsp_id = apic::id();
+    BSP_APIC_ID.store(bsp_id, Ordering::Relaxed);
     EXPECTED.store(want as *const _ as *mut _, Ordering::Release);
+    MAX_LEAF.store(max_basic_leaf(), Ordering::Relaxed);
 
-    let aps = want.len() - usize::from(want.position(bsp.apic_id).is_some());
+    let aps = want.len() - usize::from(position(bsp_id).is_some());
     AP_TARGET.store(aps as u32, Ordering::Relaxed);
     // Per-CPU blocks right after the image, limited by the RAM the memory map shows there;
     // BLOCK_SIZE-aligned: the interrupt path finds a CPU's block from its IST stack.
@@ -411,26 +484,62 @@ pub fn bring_up(boot: &BootInfo, want: &'static ApicIdSet<MAX_CPUS>, tsc_khz: u6
     if let Some(ram) = boot.ram_at(area) {
         slots = slots.min((ram / BLOCK_SIZE as u64) as usize);
     }
-    for r in CPUS.iter().take(slots + 1) {
-        r.clear();
-    }
-    record(0, &bsp);
 
-    let ms = |n: u64| n.saturating_mul(tsc_khz);
-    let start = rdtsc();
-    let mut resends = 0u32;
-    let mut all_online = aps == 0;
+    let start_tsc = rdtsc();
     if aps > 0 {
+        // Sorted distinct IDs ending in `len - 1` are exactly 0..len: `position` finds them
+        // without the table.
+        let ids = want.as_slice();
+        if ids
+            .last()
+            .is_some_and(|&last| last as usize != ids.len() - 1)
+        {
+            for (p, &id) in ids.iter().enumerate() {
+                if let Some(slot) = POS_OF.get(id as usize) {
+                    slot.store(p as u16, Ordering::Relaxed);
+                }
+            }
+        }
         vmkit_ap_area.store(area, Ordering::Relaxed);
         copy_trampoline();
         // A locked exchange: a full barrier on x86 (`mfence` is not emulated by this host's
-        // KVM), so the APs see the area, the slots and the trampoline.
+        // KVM), so the APs see the area, the slots, the tables and the trampoline.
         vmkit_ap_slots.swap(slots as u32, Ordering::SeqCst);
-
-        apic::send_init_all_but_self();
+        // INIT went out earlier ([`send_init`]).
         apic::send_sipi_all_but_self(SIPI_VECTOR);
-        // The BSP sleeps while it waits, leaving the host CPUs to the APs: the last AP wakes
-        // it with an IPI; the LAPIC timer wakes it for re-sends and the timeout.
+    }
+    Started {
+        aps,
+        slots,
+        start_tsc,
+    }
+}
+
+/// Sends INIT to every other CPU (the first half of starting them, see [`start_aps`]).
+pub fn send_init() {
+    apic::send_init_all_but_self();
+}
+
+/// Reads and records the BSP's own topology (CPU index 0). Call after [`start_aps`]: it
+/// overlaps with the APs' start.
+pub fn record_bsp() -> Topology {
+    let bsp = Topology::read(MAX_LEAF.load(Ordering::Relaxed));
+    record(0, &bsp);
+    bsp
+}
+
+/// Waits until every expected AP is online, re-sending STARTUP to missing ones, or until
+/// [`TIMEOUT_MS`]. The BSP sleeps while it waits, leaving the host CPUs to the APs: the last
+/// AP wakes it with an IPI; the LAPIC timer wakes it for re-sends and the timeout.
+pub fn wait_online(started: &Started, tsc_khz: u64) -> Waited {
+    let aps = started.aps;
+    let start = started.start_tsc;
+    let ms = |n: u64| n.saturating_mul(tsc_khz);
+    let mut resends = 0u32;
+    let mut all_online = aps == 0;
+    if aps > 0 {
+        let want = expected();
+        let bsp = BSP_APIC_ID.load(Ordering::Relaxed);
         let deadline = start + ms(TIMEOUT_MS);
         let mut next_resend = start + ms(FIRST_RESEND_MS);
         loop {
@@ -444,7 +553,7 @@ pub fn bring_up(boot: &BootInfo, want: &'static ApicIdSet<MAX_CPUS>, tsc_khz: u6
             }
             if now >= next_resend {
                 for (p, id) in want.as_slice().iter().enumerate() {
-                    if *id != bsp.apic_id && !SEEN[p].load(Ordering::Acquire) {
+                    if *id != bsp && !SEEN[p].load(Ordering::Acquire) {
                         apic::send_sipi(*id, SIPI_VECTOR);
                         resends += 1;
                     }
@@ -452,38 +561,116 @@ pub fn bring_up(boot: &BootInfo, want: &'static ApicIdSet<MAX_CPUS>, tsc_khz: u6
                 next_resend = now + ms(RESEND_MS);
             }
             apic::arm_timer(now, next_resend.min(deadline) - now, tsc_khz);
+            TIMER_ARMED.store(true, Ordering::Relaxed);
             wait_for_interrupt(0);
         }
+    }
+    Waited {
+        all_online,
+        elapsed_tsc: rdtsc().wrapping_sub(start),
+        resends,
+    }
+}
+
+/// The BSP armed its LAPIC timer in [`wait_online`].
+static TIMER_ARMED: AtomicBool = AtomicBool::new(false);
+
+/// Stops the timer [`wait_online`] may have left armed (kept out of the way to POST 0x30;
+/// interrupts stay off until then, so a late tick is only a pending interrupt).
+pub fn finish_wait() {
+    if TIMER_ARMED.swap(false, Ordering::Relaxed) {
         apic::disarm_timer();
     }
-    let elapsed_tsc = rdtsc().wrapping_sub(start);
+}
 
-    let mut ids = ApicIdSet::new();
+/// Makes the APs note their start and record times (`vmkit.debug=1`); call before
+/// [`start_aps`].
+pub fn time_aps() {
+    AP_TIMES.store(true, Ordering::Relaxed);
+}
+
+/// AP timings noted after [`time_aps`], in TSC ticks from the STARTUP broadcast.
+pub struct ApTimes {
+    /// First AP to reach long mode.
+    pub first_start: u64,
+    /// Last AP to reach long mode.
+    pub last_start: u64,
+    /// Mean time from reaching long mode to having recorded itself.
+    pub mean_run: u64,
+}
+
+/// Summarises the AP timings ([`time_aps`]) of the APs that recorded themselves.
+pub fn ap_times(started: &Started, max_cpu: usize) -> Option<ApTimes> {
+    let (mut first, mut last, mut run, mut n) = (u64::MAX, 0u64, 0u64, 0u64);
+    for cpu in 1..=max_cpu.min(MAX_CPUS - 1) {
+        if !CPUS[cpu].valid() {
+            continue;
+        }
+        let start = AP_START_TSC[cpu]
+            .load(Ordering::Relaxed)
+            .wrapping_sub(started.start_tsc);
+        let done = AP_DONE_TSC[cpu]
+            .load(Ordering::Relaxed)
+            .wrapping_sub(started.start_tsc);
+        first = first.min(start);
+        last = last.max(start);
+        run += done.wrapping_sub(start);
+        n += 1;
+    }
+    (n > 0).then(|| ApTimes {
+        first_start: first,
+        last_start: last,
+        mean_run: run / n,
+    })
+}
+
+/// Checks every record and fills `ids` with the APIC IDs of the CPUs that recorded
+/// themselves, ascending. Run after [`wait_online`].
+pub fn collect(started: &Started, ids: &mut ApicIdSet<MAX_CPUS>) -> Outcome {
+    let want = expected();
+    // Records exist for index 0 (the BSP) and the AP slots taken; the rest are still zero.
+    let taken = vmkit_ap_next.load(Ordering::Acquire) as usize;
+    let max_cpu = taken.min(started.slots).min(MAX_CPUS - 1);
     let mut consistent = true;
     let mut mismatch = None;
     let mut recorded = 0u32;
-    let max_cpu = slots.min(MAX_CPUS - 1);
+    let mut unexpected = false;
     for r in CPUS.iter().take(max_cpu + 1) {
         if let Some(t) = r.topology() {
             recorded += 1;
-            ids.insert(t.apic_id);
+            unexpected |= position(t.apic_id).is_none();
             if !t.consistent() {
                 consistent = false;
                 mismatch = mismatch.or(Some(t));
             }
         }
     }
+    // The expected IDs that recorded themselves, in ascending order (cheap appends), then any
+    // unexpected ones (rare: sorted inserts).
+    ids.clear();
+    for (p, &id) in want.as_slice().iter().enumerate() {
+        if SEEN[p].load(Ordering::Acquire) {
+            ids.insert(id);
+        }
+    }
+    if unexpected {
+        for r in CPUS.iter().take(max_cpu + 1) {
+            if let Some(t) = r.topology() {
+                if position(t.apic_id).is_none() {
+                    ids.insert(t.apic_id);
+                }
+            }
+        }
+    }
     let extra = vmkit_ap_extra.load(Ordering::Acquire);
-    consistent &= extra == 0 && ids.len() as u32 == recorded && ids.as_slice() == want.as_slice();
+    // `ids` holds expected IDs only unless `unexpected`, so it equals the expected set
+    // exactly when nothing unexpected came and no expected ID is missing. `recorded` counts
+    // records, `ids` distinct IDs: they differ when two CPUs report the same APIC ID.
+    consistent &=
+        extra == 0 && ids.len() as u32 == recorded && !unexpected && ids.len() == want.len();
     Outcome {
         cpus: recorded + extra,
-        ids,
         consistent,
-        smt_bits: bsp.smt_bits,
-        core_bits: bsp.core_bits,
-        all_online,
-        elapsed_tsc,
-        resends,
         max_cpu,
         mismatch,
     }

@@ -59,9 +59,8 @@ fn hypervisor_base() -> Option<(u32, [u8; 12])> {
     Some((r.eax, sig))
 }
 
-fn kvmclock_khz() -> Option<u64> {
-    let (max, sig) = hypervisor_base()?;
-    if &sig != b"KVMKVMKVM\0\0\0" || max < 0x4000_0001 {
+fn kvmclock_khz(max: u32, sig: &[u8; 12]) -> Option<u64> {
+    if sig != b"KVMKVMKVM\0\0\0" || max < 0x4000_0001 {
         return None;
     }
     if cpuid(0x4000_0001, 0).eax & KVM_FEATURE_CLOCKSOURCE2 == 0 {
@@ -105,16 +104,16 @@ fn kvmclock_khz() -> Option<u64> {
 
 /// Determines the TSC frequency in kHz.
 pub fn calibrate() -> (u64, Source) {
-    if let Some((max, _)) = hypervisor_base() {
+    if let Some((max, sig)) = hypervisor_base() {
         if max >= 0x4000_0010 {
             let khz = u64::from(cpuid(0x4000_0010, 0).eax);
             if khz != 0 {
                 return (khz, Source::HypervisorLeaf);
             }
         }
-    }
-    if let Some(khz) = kvmclock_khz() {
-        return (khz, Source::KvmClock);
+        if let Some(khz) = kvmclock_khz(max, &sig) {
+            return (khz, Source::KvmClock);
+        }
     }
     let max = max_basic_leaf();
     if max >= 0x15 {

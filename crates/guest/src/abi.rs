@@ -59,8 +59,12 @@ pub const EXIT_EXCEPTION: u8 = 3;
 
 /// Command-line options the guest understands.
 pub mod cmdline {
-    /// `vmkit.debug=1`: print a `VMKIT-GUEST debug ...` line (TSC frequency and source,
-    /// bring-up time, SIPI re-sends, and a job round trip through every parked AP).
+    /// `vmkit.debug=1`: print a `VMKIT-GUEST debug ...` line: TSC frequency and source,
+    /// the boot phase timings in microseconds (`entry_us` first instruction to Rust main,
+    /// `init_us`, `bootinfo_us`, `tables_us`, `sipi_us`, `tsc_us`, `bringup_us` STARTUP to all
+    /// online, `entry_to_online_us`, `collect_us`; `ap_first_us`/`ap_last_us` when the
+    /// first/last AP reached long mode, `ap_run_us` their mean time from there to recorded),
+    /// SIPI re-sends, and a job round trip through every parked AP.
     pub const DEBUG: &str = "vmkit.debug=1";
     /// `vmkit.fault=panic`: panic right after reading the boot information (tests the panic
     /// path; exit code [`super::EXIT_PANIC`]).

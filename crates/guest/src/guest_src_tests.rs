@@ -418,6 +418,96 @@ fn elf_errors_are_reported() {
     assert!(inspect_elf(img).is_err());
 }
 
+/// What [`reference_madt_walk`] finds.
+#[derive(Default)]
+struct MadtWalk {
+    /// APIC IDs of enabled CPU entries, in table order.
+    ids: Vec<u32>,
+    /// Enabled type-0 entries.
+    lapics: u32,
+    /// Enabled type-9 entries.
+    x2apics: u32,
+    /// I/O APICs: (ID, address, GSI base).
+    ioapics: Vec<(u8, u32, u32)>,
+}
+
+/// The MADT walk as a plain byte-by-byte reference (the guest's reads entries by word).
+fn reference_madt_walk(table: &[u8]) -> MadtWalk {
+    let mut w = MadtWalk::default();
+    let (ids, lapics, x2apics, ioapics) =
+        (&mut w.ids, &mut w.lapics, &mut w.x2apics, &mut w.ioapics);
+    let u32_at = |i: usize| u32::from_le_bytes(table[i..i + 4].try_into().unwrap());
+    let mut at = 44;
+    while at + 2 <= table.len() {
+        let (kind, len) = (table[at], usize::from(table[at + 1]));
+        if len < 2 || at + len > table.len() {
+            break;
+        }
+        match kind {
+            0 if len >= 8 && u32_at(at + 4) & 1 != 0 => {
+                ids.push(u32::from(table[at + 3]));
+                *lapics += 1;
+            }
+            1 if len >= 12 && ioapics.len() < acpi::MAX_IOAPICS => {
+                ioapics.push((table[at + 2], u32_at(at + 4), u32_at(at + 8)));
+            }
+            9 if len >= 16 && u32_at(at + 8) & 1 != 0 => {
+                ids.push(u32_at(at + 4));
+                *x2apics += 1;
+            }
+            _ => {}
+        }
+        at += len;
+    }
+    w
+}
+
+/// One MADT entry for the generated tables: mostly well-formed, sometimes odd.
+fn madt_entry() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        4 => (any::<u8>(), any::<bool>()).prop_map(|(id, en)| vec![0, 8, id, id, u8::from(en), 0, 0, 0]),
+        1 => (any::<u8>(), any::<u32>()).prop_map(|(id, flags)| {
+            let mut e = vec![0, 9, 0, id];
+            e.extend_from_slice(&flags.to_le_bytes());
+            e.push(0xAA);
+            e
+        }),
+        1 => (any::<u8>(), any::<u32>(), any::<u32>()).prop_map(|(id, addr, gsi)| {
+            let mut e = vec![1, 12, id, 0];
+            e.extend_from_slice(&addr.to_le_bytes());
+            e.extend_from_slice(&gsi.to_le_bytes());
+            e
+        }),
+        1 => Just(vec![2, 10, 0, 0, 2, 0, 0, 0, 0, 0]),
+        1 => (any::<u32>(), any::<bool>()).prop_map(|(id, en)| {
+            let mut e = vec![9, 16, 0, 0];
+            e.extend_from_slice(&id.to_le_bytes());
+            e.extend_from_slice(&u32::from(en).to_le_bytes());
+            e.extend_from_slice(&7u32.to_le_bytes());
+            e
+        }),
+        1 => proptest::collection::vec(any::<u8>(), 0..12),
+    ]
+}
+
+#[test]
+fn boot_options_match_whole_keys() {
+    let mut mem = VecMem::new(0x1_0000);
+    let si = 0x6000u64;
+    mem.write_u32(si, PVH_MAGIC);
+    mem.write_u64(si + 0x18, 0x7000);
+    mem.write(
+        0x7000,
+        b"vmkit.debugx=1  vmkit.debug vmkit.debug=2 a=b vmkit.debug=3 vmkit.fault=\0",
+    );
+    let b = BootInfo::from_pvh(&mem, si).unwrap();
+    assert_eq!(b.option("vmkit.debug"), Some(&b"2"[..]));
+    assert_eq!(b.option("a"), Some(&b"b"[..]));
+    assert_eq!(b.option("vmkit.fault"), Some(&b""[..]));
+    assert_eq!(b.option("vmkit"), None);
+    assert_eq!(b.option("b"), None);
+}
+
 proptest! {
     #[test]
     fn acpi_and_mptable_never_panic_on_garbage(
@@ -477,5 +567,88 @@ proptest! {
             bytes[..64].copy_from_slice(&elf()[..64]);
         }
         let _ = inspect_elf(&bytes);
+    }
+    #[test]
+    fn madt_walk_matches_the_bytewise_reference(
+        entries in proptest::collection::vec(madt_entry(), 0..80),
+        tail in proptest::collection::vec(any::<u8>(), 0..3),
+    ) {
+        let mut table = vec![0u8; 44];
+        for e in &entries {
+            table.extend_from_slice(e);
+        }
+        table.extend_from_slice(&tail);
+        let mut mem = VecMem::new(0x1_0000);
+        mem.write(0x1000, &table);
+        let len = table.len() as u32;
+        sdt_header(&mut mem, 0x1000, b"APIC", len);
+        fix_checksum(&mut mem, 0x1000, len as usize, 0x1009);
+        let n = table.len();
+        table.copy_from_slice(&mem.0[0x1000..0x1000 + n]);
+
+        let walk = reference_madt_walk(&table);
+        let mut got = Ids::new();
+        let info = acpi::parse_madt(&mem, 0x1000, &mut got).expect("valid MADT");
+        let mut want = Ids::new();
+        for id in &walk.ids {
+            want.insert(*id);
+        }
+        prop_assert_eq!(got.as_slice(), want.as_slice());
+        prop_assert_eq!(
+            (info.lapic_entries, info.x2apic_entries),
+            (walk.lapics, walk.x2apics)
+        );
+        let got_ioapics: Vec<_> = info.ioapics[..info.ioapic_count]
+            .iter()
+            .map(|i| (i.id, i.address, i.gsi_base))
+            .collect();
+        prop_assert_eq!(got_ioapics, walk.ioapics);
+    }
+
+    #[test]
+    fn insert_all_matches_one_by_one_inserts(
+        start in proptest::collection::vec(0u32..40, 0..10),
+        more in proptest::collection::vec(0u32..40, 0..20),
+    ) {
+        let (mut a, mut b) = (ApicIdSet::<8>::new(), ApicIdSet::<8>::new());
+        for id in &start {
+            a.insert(*id);
+            b.insert(*id);
+        }
+        for id in &more {
+            a.insert(*id);
+        }
+        b.insert_all(more.iter().copied());
+        prop_assert_eq!(a.as_slice(), b.as_slice());
+        prop_assert_eq!(a.overflowed(), b.overflowed());
+    }
+
+    #[test]
+    fn cmdline_is_read_up_to_the_nul_or_the_limit(
+        text in proptest::collection::vec(1u8..=255, 0..600),
+        nul in any::<bool>(),
+        misalign in 0u64..8,
+        size in 0u32..700,
+    ) {
+        let mut mem = VecMem::new(0x1_0000);
+        let at = 0x2000 + misalign;
+        mem.write(at, &text);
+        if nul {
+            mem.0[(at as usize) + text.len()] = 0;
+        } else {
+            // No NUL where the text ends: the next bytes are more text.
+            mem.write(at + text.len() as u64, &[b'x'; 16]);
+        }
+        let bp = 0x7000u64;
+        mem.write_u32(bp + 0x228, at as u32);
+        mem.write_u32(bp + 0x238, size);
+        let b = BootInfo::from_linux(&mem, bp).unwrap();
+        let limit = if size == 0 { 512 } else { (size as usize).min(512) };
+        let mut want: Vec<u8> = text.clone();
+        if !nul {
+            want.extend_from_slice(&[b'x'; 16]);
+        }
+        want.truncate(limit);
+        prop_assert_eq!(b.cmdline(), &want[..]);
     }
 }
