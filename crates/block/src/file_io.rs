@@ -342,6 +342,9 @@ impl ImageFile {
     }
 
     fn preadv_all(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
+        if let [one] = bufs {
+            return self.pread_one(offset, one);
+        }
         let len = total_len(bufs);
         let mut done = 0u64;
         while done < len {
@@ -391,7 +394,90 @@ impl ImageFile {
         Ok(())
     }
 
+    /// `preadv_all` for one buffer: plain `pread`, no iovec arrays to allocate (the
+    /// common case of a small request).
+    fn pread_one(&self, offset: u64, buf: &VolatileSlice<'_>) -> Result<(), BlockError> {
+        let guard = buf.ptr_guard_mut();
+        let len = guard.len();
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset
+                .checked_add(done as u64)
+                .and_then(|p| i64::try_from(p).ok())
+                .ok_or_else(|| BlockError::InvalidArgument("file offset overflows".into()))?;
+            // SAFETY: `guard` keeps the VolatileSlice's memory valid for `len` bytes of
+            // writes for the whole call; `done < len`, so the pointer and the length stay
+            // inside it. The kernel writes only into that range. The fd is owned by
+            // `self.file`.
+            let r = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    len - done,
+                    pos,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.err("pread", e));
+            }
+            if r == 0 {
+                // End of file: the rest reads as zeroes.
+                crate::backend::zero_bufs(
+                    std::slice::from_ref(buf),
+                    done as u64,
+                    (len - done) as u64,
+                );
+                return Ok(());
+            }
+            done += r as usize;
+        }
+        Ok(())
+    }
+
+    /// `pwritev_all` for one buffer: plain `pwrite`.
+    fn pwrite_one(&self, offset: u64, buf: &VolatileSlice<'_>) -> Result<(), BlockError> {
+        let guard = buf.ptr_guard();
+        let len = guard.len();
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset
+                .checked_add(done as u64)
+                .and_then(|p| i64::try_from(p).ok())
+                .ok_or_else(|| BlockError::InvalidArgument("file offset overflows".into()))?;
+            // SAFETY: `guard` keeps the VolatileSlice's memory valid for `len` bytes of
+            // reads for the whole call; `done < len`, so the pointer and the length stay
+            // inside it. pwrite only reads from it. The fd is owned by `self.file`.
+            let r = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    len - done,
+                    pos,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.err("pwrite", e));
+            }
+            if r == 0 {
+                return Err(self.err("pwrite", io::Error::from(io::ErrorKind::WriteZero)));
+            }
+            done += r as usize;
+        }
+        Ok(())
+    }
+
     fn pwritev_all(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
+        if let [one] = bufs {
+            return self.pwrite_one(offset, one);
+        }
         let len = total_len(bufs);
         let mut done = 0u64;
         while done < len {

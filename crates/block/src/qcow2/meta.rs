@@ -172,8 +172,11 @@ impl Meta {
         file_len: u64,
     ) -> Self {
         let cs = 1u64 << cluster_bits;
-        // Cache about 4 MiB of L2 tables and 1 MiB of refcount blocks, at least 16 each.
-        let l2_cap = ((4u64 << 20) >> cluster_bits).max(16) as usize;
+        // Cache up to 32 MiB of L2 tables (QEMU's default limit: 256 GiB of guest with
+        // 64 KiB clusters; tables are loaded on demand, so a small image uses little), at
+        // most 1024 tables (eviction scans the cache), and 1 MiB of refcount blocks; at
+        // least 16 of each.
+        let l2_cap = ((32u64 << 20) >> cluster_bits).clamp(16, 1024) as usize;
         let rb_cap = ((1u64 << 20) >> cluster_bits).max(16) as usize;
         Meta {
             file,
@@ -322,53 +325,93 @@ impl Meta {
         }
     }
 
-    /// Sets the L2 entry of guest cluster `gc`, allocating the L2 table if needed.
-    pub fn set_l2_entry(&mut self, gc: u64, entry: u64, bitmap: u64) -> Result<(), BlockError> {
-        let (mut l2_off, l1_idx) = self.l2_offset_for(gc)?;
+    /// The L2 table of guest cluster `gc`, allocated (zeroed, hooked into the L1 table)
+    /// if it does not exist yet. Fails if the table is shared (internal snapshots).
+    fn writable_l2_table(&mut self, gc: u64) -> Result<u64, BlockError> {
+        let (l2_off, l1_idx) = self.l2_offset_for(gc)?;
         let Some(&l1e) = self.l1.get(l1_idx as usize) else {
             return Err(self.corrupt(format!("guest cluster {gc} is beyond the L1 table")));
         };
-        if l2_off == 0 {
-            if entry == 0 && bitmap == 0 {
-                return Ok(());
+        if l2_off != 0 {
+            if l1e & OFLAG_COPIED == 0 {
+                return Err(BlockError::unsupported(
+                    &self.path,
+                    format!(
+                        "L2 table at 0x{l2_off:x} is shared (internal snapshots): cannot write"
+                    ),
+                ));
             }
-            l2_off = self.alloc_clusters(1)?;
-            let zero = vec![0u8; self.cluster_size() as usize];
-            self.file.write_at(l2_off, &zero)?;
-            self.known_tables.insert(l2_off);
-            self.l2_cache
-                .insert(l2_off, vec![0u64; self.l2_words() as usize]);
-            let new_l1e = l2_off | OFLAG_COPIED;
-            self.file
-                .write_at(self.l1_offset + l1_idx * 8, &new_l1e.to_be_bytes())?;
-            self.l1[l1_idx as usize] = new_l1e;
-        } else if l1e & OFLAG_COPIED == 0 {
-            return Err(BlockError::unsupported(
-                &self.path,
-                format!("L2 table at 0x{l2_off:x} is shared (internal snapshots): cannot write"),
-            ));
+            return Ok(l2_off);
         }
-        let idx = gc % self.l2_entries();
+        let l2_off = self.alloc_clusters(1)?;
+        let zero = vec![0u8; self.cluster_size() as usize];
+        self.file.write_at(l2_off, &zero)?;
+        self.known_tables.insert(l2_off);
+        self.l2_cache
+            .insert(l2_off, vec![0u64; self.l2_words() as usize]);
+        let new_l1e = l2_off | OFLAG_COPIED;
+        self.file
+            .write_at(self.l1_offset + l1_idx * 8, &new_l1e.to_be_bytes())?;
+        self.l1[l1_idx as usize] = new_l1e;
+        Ok(l2_off)
+    }
+
+    /// Sets the L2 entry of guest cluster `gc`, allocating the L2 table if needed.
+    pub fn set_l2_entry(&mut self, gc: u64, entry: u64, bitmap: u64) -> Result<(), BlockError> {
+        if entry == 0 && bitmap == 0 && !self.has_l2_table(gc) {
+            // Unallocated already, and no table to write it into.
+            if self.l1.get((gc / self.l2_entries()) as usize).is_none() {
+                return Err(self.corrupt(format!("guest cluster {gc} is beyond the L1 table")));
+            }
+            return Ok(());
+        }
+        self.set_l2_range(gc, 1, entry, 0, bitmap)
+    }
+
+    /// Sets the L2 entries of guest clusters `gc..gc+n` to `first_entry`,
+    /// `first_entry + step`, `first_entry + 2*step`, ... (each with `bitmap`), allocating
+    /// L2 tables as needed. Each L2 table is written with one write of the changed range.
+    pub fn set_l2_range(
+        &mut self,
+        gc: u64,
+        n: u64,
+        first_entry: u64,
+        step: u64,
+        bitmap: u64,
+    ) -> Result<(), BlockError> {
+        let per_table = self.l2_entries();
         let ext = self.ext_l2;
-        let table = self.load_l2(l2_off)?;
-        let (word, bytes) = if ext {
-            let i = (idx * 2) as usize;
-            if let Some(w) = table.get_mut(i) {
-                *w = entry;
+        let words_per = if ext { 2 } else { 1 };
+        let end = gc
+            .checked_add(n)
+            .ok_or_else(|| BlockError::InvalidArgument("L2 range overflows".into()))?;
+        let mut g = gc;
+        let mut entry = first_entry;
+        while g < end {
+            let stop = ((g / per_table + 1) * per_table).min(end);
+            let l2_off = self.writable_l2_table(g)?;
+            let w0 = ((g % per_table) * words_per) as usize;
+            let w1 = w0 + ((stop - g) * words_per) as usize;
+            let table = self.load_l2(l2_off)?;
+            let mut bytes = Vec::with_capacity((w1 - w0) * 8);
+            for k in 0..(stop - g) as usize {
+                let i = w0 + k * words_per as usize;
+                if let Some(w) = table.get_mut(i) {
+                    *w = entry;
+                }
+                bytes.extend_from_slice(&entry.to_be_bytes());
+                if ext {
+                    if let Some(w) = table.get_mut(i + 1) {
+                        *w = bitmap;
+                    }
+                    bytes.extend_from_slice(&bitmap.to_be_bytes());
+                }
+                entry = entry.wrapping_add(step);
             }
-            if let Some(w) = table.get_mut(i + 1) {
-                *w = bitmap;
-            }
-            let mut b = entry.to_be_bytes().to_vec();
-            b.extend_from_slice(&bitmap.to_be_bytes());
-            (i as u64, b)
-        } else {
-            if let Some(w) = table.get_mut(idx as usize) {
-                *w = entry;
-            }
-            (idx, entry.to_be_bytes().to_vec())
-        };
-        self.file.write_at(l2_off + word * 8, &bytes)
+            self.file.write_at(l2_off + w0 as u64 * 8, &bytes)?;
+            g = stop;
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- refcounts
@@ -549,11 +592,52 @@ impl Meta {
             .checked_add(bytes)
             .filter(|&e| e < (1u64 << 56))
             .ok_or_else(|| self.corrupt("image would exceed the qcow2 offset range".into()))?;
-        for i in 0..n {
-            self.update_refcount(off / cs + i, 1)?;
-        }
+        self.incr_refcounts(off / cs, n)?;
         self.extend_file()?;
         Ok(off)
+    }
+
+    /// Adds one to the refcounts of host clusters `first..first+n`, writing the changed
+    /// bytes of each refcount block with a single write.
+    fn incr_refcounts(&mut self, first: u64, n: u64) -> Result<(), BlockError> {
+        let epb = self.rb_entries();
+        let order = self.refcount_order;
+        let max = rc_max(order);
+        let end = first
+            .checked_add(n)
+            .ok_or_else(|| BlockError::InvalidArgument("cluster range overflows".into()))?;
+        let mut ci = first;
+        while ci < end {
+            let bi = ci / epb;
+            let stop = ((bi + 1) * epb).min(end);
+            let off = self.ensure_refblock(bi)?;
+            let block = self.load_refblock(off)?;
+            let (mut lo, mut hi) = (usize::MAX, 0usize);
+            let mut overflow = None;
+            for c in ci..stop {
+                let idx = c % epb;
+                let cur = rc_get(block, order, idx);
+                if cur >= max {
+                    overflow = Some(c);
+                    break;
+                }
+                let (b, len) = rc_set(block, order, idx, cur + 1);
+                lo = lo.min(b);
+                hi = hi.max(b + len);
+            }
+            let bytes = block.get(lo..hi).map(|s| s.to_vec()).unwrap_or_default();
+            if !bytes.is_empty() {
+                self.file.write_at(off + lo as u64, &bytes)?;
+            }
+            if let Some(c) = overflow {
+                return Err(self.corrupt(format!(
+                    "refcount of cluster {c} would overflow {} bits",
+                    1u32 << order
+                )));
+            }
+            ci = stop;
+        }
+        Ok(())
     }
 
     /// Drops one reference to cluster `ci`; when it reaches 0 the host space is punched.
