@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::{run_vmm_with_timeout, texts};
 
@@ -40,7 +40,7 @@ fn guest_dir(test: &str) -> Option<PathBuf> {
 
 const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 clearcpuid=cx16 noxsave i8042.noaux vmkit.smoke=1";
 
-fn boot_linux(kernel: &str, dir: &PathBuf) -> String {
+fn boot_linux(kernel: &str, dir: &Path) -> String {
     let kernel = dir.join(kernel);
     let initramfs = dir.join("initramfs.cpio.gz");
     let out = run_vmm_with_timeout(
@@ -51,9 +51,9 @@ fn boot_linux(kernel: &str, dir: &PathBuf) -> String {
             "1G",
             "--x2apic",
             "--kernel",
-            kernel.to_str().unwrap(),
+            kernel.to_str().expect("guest paths are UTF-8"),
             "--initramfs",
-            initramfs.to_str().unwrap(),
+            initramfs.to_str().expect("guest paths are UTF-8"),
             "--cmdline",
             CMDLINE,
             "--stop-on",

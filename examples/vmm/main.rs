@@ -328,7 +328,7 @@ fn build_serial(
     stop: impl Fn(VmStop) + Send + Sync + Clone + 'static,
 ) -> Result<Serial> {
     let line = irqchip
-        .legacy_line(u32::from(COM1_IRQ), TriggerMode::Edge)
+        .legacy_line(COM1_IRQ, TriggerMode::Edge)
         .context(|| "COM1 interrupt".into())?;
     let (output, input) = match &args.serial {
         SerialTarget::Stdout => (SerialOutput::Stdout, SerialInput::Stdin),
