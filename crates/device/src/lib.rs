@@ -44,6 +44,7 @@
 
 mod bus;
 pub mod interrupt;
+pub mod ioevent;
 pub mod resources;
 pub mod testing;
 
@@ -51,4 +52,5 @@ pub use bus::{Bus, BusDevice, BusError, BusRange, BusTransaction};
 pub use interrupt::{
     InterruptError, InterruptLine, InterruptManager, MsiMessage, MsiVectors, TriggerMode,
 };
+pub use ioevent::{IoEventAddress, IoEventError, IoEventMatch, IoEventSpace};
 pub use resources::Resource;

@@ -300,3 +300,90 @@ mod tests {
         assert_eq!(e.count(), 1);
     }
 }
+
+/// An [`IoEventSpace`](crate::ioevent::IoEventSpace) that records registrations and lets a
+/// test fire them as the kernel would on a matching guest write.
+#[derive(Default)]
+pub struct RecordingIoEvents {
+    entries: Mutex<Vec<RecordedIoEvent>>,
+}
+
+struct RecordedIoEvent {
+    address: crate::ioevent::IoEventAddress,
+    filter: crate::ioevent::IoEventMatch,
+    event: vmm_sys_util::eventfd::EventFd,
+}
+
+impl RecordingIoEvents {
+    /// The registrations currently in place.
+    pub fn registered(
+        &self,
+    ) -> Vec<(crate::ioevent::IoEventAddress, crate::ioevent::IoEventMatch)> {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|e| (e.address, e.filter))
+            .collect()
+    }
+
+    /// Simulates a guest write of `data` to `address`: signals every matching registration
+    /// and returns how many were signalled (0 means the write would reach the bus instead).
+    pub fn guest_write(&self, address: crate::ioevent::IoEventAddress, data: &[u8]) -> usize {
+        use crate::ioevent::IoEventMatch;
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut fired = 0;
+        for e in entries.iter().filter(|e| e.address == address) {
+            let matches = match e.filter {
+                IoEventMatch::Any => true,
+                IoEventMatch::U16(v) => data == v.to_le_bytes(),
+                IoEventMatch::U32(v) => data == v.to_le_bytes(),
+            };
+            if matches && e.event.write(1).is_ok() {
+                fired += 1;
+            }
+        }
+        fired
+    }
+}
+
+impl crate::ioevent::IoEventSpace for RecordingIoEvents {
+    fn register(
+        &self,
+        address: crate::ioevent::IoEventAddress,
+        filter: crate::ioevent::IoEventMatch,
+        event: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), crate::ioevent::IoEventError> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries
+            .iter()
+            .any(|e| e.address == address && e.filter == filter)
+        {
+            return Err(crate::ioevent::IoEventError::Exists(address));
+        }
+        let event = event
+            .try_clone()
+            .map_err(|source| crate::ioevent::IoEventError::Io { address, source })?;
+        entries.push(RecordedIoEvent {
+            address,
+            filter,
+            event,
+        });
+        Ok(())
+    }
+
+    fn unregister(
+        &self,
+        address: crate::ioevent::IoEventAddress,
+        filter: crate::ioevent::IoEventMatch,
+        _event: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), crate::ioevent::IoEventError> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = entries.len();
+        entries.retain(|e| !(e.address == address && e.filter == filter));
+        if entries.len() == before {
+            return Err(crate::ioevent::IoEventError::NotFound(address));
+        }
+        Ok(())
+    }
+}

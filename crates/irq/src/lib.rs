@@ -61,6 +61,7 @@
 
 mod chip;
 mod error;
+pub mod ioevent;
 pub mod legacy;
 pub mod msi;
 pub mod routing;
@@ -69,6 +70,7 @@ pub mod state;
 
 pub use chip::KvmIrqChip;
 pub use error::IrqError;
+pub use ioevent::KvmIoEvents;
 pub use legacy::KvmLegacyLine;
 pub use msi::{x86_msi_route, KvmMsiVectors};
 pub use routing::{GsiRoutingTable, MsiRoute};
