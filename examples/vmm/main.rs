@@ -179,7 +179,12 @@ fn run(args: &Args, start: Instant) -> Result<u8> {
             &kernel_opts,
         ),
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| match e {
+        boot::Error::KernelTooBig { .. } => {
+            format!("--memory {} is too small: {e}", args.memory)
+        }
+        e => e.to_string(),
+    })?;
     if args.boot_protocol.as_deref() == Some("pvh") && kernel.protocol != BootProtocol::Pvh {
         return Err(format!("--boot pvh: {} has no PVH entry note", kernel.name));
     }
