@@ -212,11 +212,13 @@ fn run(args: &Args, start: Instant) -> Result<u8> {
 
     // 7. vCPUs: create and configure all, give the BSP its boot registers, start the threads.
     //    The APs wait for the guest's INIT/SIPI in the in-kernel LAPIC.
-    let vcpu_config = Arc::new(
-        VcpuConfig::new(&kvm, &vm, cpuid, Irqchip::InKernel).context(|| "vCPU set-up".into())?,
-    );
     let x2apic = args.x2apic || apic_ids.iter().any(|&id| id > 254);
-    let vcpus = create_vcpus(&vm, &vcpu_config, args.cpus, x2apic)?;
+    let vcpu_config = Arc::new(
+        VcpuConfig::new(&kvm, &vm, cpuid, Irqchip::InKernel)
+            .context(|| "vCPU set-up".into())?
+            .with_x2apic(x2apic),
+    );
+    let vcpus = create_vcpus(&vm, &vcpu_config, args.cpus)?;
     vcpus[0]
         .set_boot_regs(&boot_regs)
         .context(|| "boot registers".into())?;
@@ -249,12 +251,7 @@ fn run(args: &Args, start: Instant) -> Result<u8> {
 
 /// Creates and configures `count` vCPUs, spread over the host's CPUs (creating 64 vCPUs one
 /// after the other takes about 15 ms of KVM time here).
-fn create_vcpus(
-    vm: &kvm_ioctls::VmFd,
-    config: &Arc<VcpuConfig>,
-    count: u32,
-    x2apic: bool,
-) -> Result<Vec<Vcpu>> {
+fn create_vcpus(vm: &kvm_ioctls::VmFd, config: &Arc<VcpuConfig>, count: u32) -> Result<Vec<Vcpu>> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, count.max(1) as usize) as u32;
@@ -263,9 +260,6 @@ fn create_vcpus(
             Vcpu::new(vm, index, config.clone()).context(|| format!("creating vCPU {index}"))?;
         vcpu.configure()
             .context(|| format!("configuring vCPU {index}"))?;
-        if x2apic {
-            enable_x2apic(&vcpu).context(|| format!("x2APIC mode on vCPU {index}"))?;
-        }
         Ok(vcpu)
     };
     let mut slots: Vec<Option<Vcpu>> = (0..count).map(|_| None).collect();
@@ -292,15 +286,6 @@ fn create_vcpus(
         Ok(())
     })?;
     Ok(slots.into_iter().flatten().collect())
-}
-
-/// Switches the vCPU's LAPIC to x2APIC mode through `IA32_APIC_BASE`, as firmware does.
-fn enable_x2apic(vcpu: &Vcpu) -> Result<()> {
-    use vmkit::vcpu::lapic::{default_apic_base, APIC_BASE_X2APIC};
-    use vmkit::vcpu::msr;
-    let base = default_apic_base(vcpu.index() == 0) | APIC_BASE_X2APIC;
-    msr::write_all(vcpu.fd(), &[msr::entry(msr::index::IA32_APIC_BASE, base)])
-        .map_err(|e| e.to_string())
 }
 
 fn topology(args: &Args) -> Result<Topology> {
