@@ -6,7 +6,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use vmkit_boot::acpi::{AcpiConfig, AcpiDevice, PmRegisters};
+use vmkit_boot::acpi::{AcpiConfig, AcpiDevice, PciHostBridge, PmRegisters};
 use vmkit_boot::cmdline::check_cmdline;
 use vmkit_boot::kernel::bzimage::parse_bzimage;
 use vmkit_boot::linux::{build_boot_params, ZeroPageConfig};
@@ -18,6 +18,14 @@ use vmkit_boot::{build_memory_map, E820Entry, E820Type, Initramfs, MmioGap};
 enum Device {
     Serial { port: u16, irq: u8 },
     VirtioMmio { base: u64, size: u64, gsi: u32 },
+    Pci {
+        segment: u16,
+        buses: (u8, u8),
+        ecam_base: u64,
+        mmio32: (u64, u64),
+        mmio64: Option<(u64, u64)>,
+        io: Option<(u16, u16)>,
+    },
     Aml(Vec<u8>),
 }
 
@@ -102,6 +110,22 @@ fuzz_target!(|input: Input| {
                 Device::VirtioMmio { base, size, gsi } => {
                     AcpiDevice::VirtioMmio { base, size, gsi }
                 }
+                Device::Pci {
+                    segment,
+                    buses,
+                    ecam_base,
+                    mmio32,
+                    mmio64,
+                    io,
+                } => AcpiDevice::PciHostBridge(PciHostBridge {
+                    segment,
+                    bus_start: buses.0,
+                    bus_end: buses.1,
+                    ecam_base,
+                    mmio32,
+                    mmio64,
+                    io,
+                }),
                 Device::Aml(b) => AcpiDevice::Aml(b),
             })
             .collect(),

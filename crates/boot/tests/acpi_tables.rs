@@ -268,12 +268,22 @@ fn extra_tables_are_listed_in_the_xsdt() {
     mcfg.add_ecam(0xe000_0000, 0, 0, 255);
     let mut bytes = Vec::new();
     mcfg.to_aml_bytes(&mut bytes);
+    // MCFG itself is built by vmkit-boot (from PCI host bridges): an extra table with that
+    // signature is refused; under another signature the same bytes are listed as given.
     let mut cfg = AcpiConfig::new(vec![0], 1);
     cfg.extra_tables.push(bytes.clone());
+    assert!(matches!(
+        write_acpi_tables(&m, &cfg),
+        Err(Error::InvalidAcpiTable { index: 0, .. })
+    ));
+    bytes[..4].copy_from_slice(b"OEMT");
+    let fix = sum(&bytes);
+    bytes[9] = bytes[9].wrapping_sub(fix);
+    cfg.extra_tables = vec![bytes.clone()];
     let tables = write_acpi_tables(&m, &cfg).unwrap();
     let all = parse_all(&m, tables.rsdp_addr);
     let sigs: Vec<[u8; 4]> = all.iter().map(|(s, _)| *s).collect();
-    assert_eq!(sigs, vec![*b"DSDT", *b"FACP", *b"APIC", *b"MCFG"]);
+    assert_eq!(sigs, vec![*b"DSDT", *b"FACP", *b"APIC", *b"OEMT"]);
     assert_eq!(all[3].1, bytes);
     assert!(tables
         .tables
@@ -315,6 +325,7 @@ fn errors_are_clear() {
     bad.add_ecam(0xe000_0000, 0, 0, 255);
     let mut bytes = Vec::new();
     bad.to_aml_bytes(&mut bytes);
+    bytes[..4].copy_from_slice(b"OEMT");
     bytes[20] ^= 1;
     cfg.extra_tables = vec![bytes];
     let err = cfg.build().unwrap_err();
@@ -334,4 +345,53 @@ fn errors_are_clear() {
         write_acpi_tables(&small, &AcpiConfig::new(vec![0], 1)),
         Err(Error::MissingMemory { .. })
     ));
+}
+
+#[test]
+fn pci_host_bridge_gets_mcfg_and_a_dsdt_device() {
+    use vmkit_boot::acpi::PciHostBridge;
+    let m = mem();
+    let mut cfg = AcpiConfig::new(vec![0, 1], 1);
+    let bridge = PciHostBridge {
+        segment: 0,
+        bus_start: 0,
+        bus_end: 255,
+        ecam_base: 0xe000_0000,
+        mmio32: (0xc000_0000, 0x2000_0000),
+        mmio64: Some((0x100_0000_0000, 0x10_0000_0000)),
+        io: None,
+    };
+    assert_eq!(bridge.ecam_size(), 256 << 20);
+    cfg.devices.push(AcpiDevice::PciHostBridge(bridge));
+    let tables = write_acpi_tables(&m, &cfg).unwrap();
+    let all = parse_all(&m, tables.rsdp_addr);
+    let mcfg = &all
+        .iter()
+        .find(|(s, _)| s == b"MCFG")
+        .expect("MCFG listed")
+        .1;
+    // Header (36) + 8 reserved bytes + one 16-byte allocation structure.
+    assert_eq!(mcfg.len(), 36 + 8 + 16);
+    assert_eq!(u64_at(mcfg, 44), 0xe000_0000);
+    assert_eq!(u16_at(mcfg, 52), 0);
+    assert_eq!((mcfg[54], mcfg[55]), (0, 255));
+    let dsdt = &all.iter().find(|(s, _)| s == b"DSDT").unwrap().1;
+    let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"PCI0"), "PCI0 device in the DSDT");
+    // EISAID("PNP0A08") = 0x080AD041, as a DWordConst (0x0C) after _HID.
+    assert!(has(&[b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+    // The 32-bit window as a DWord memory descriptor: min 0xc0000000, max 0xdfffffff.
+    assert!(has(&[0x00, 0x00, 0x00, 0xc0, 0xff, 0xff, 0xff, 0xdf]));
+
+    let mut bad = AcpiConfig::new(vec![0], 1);
+    bad.devices.push(AcpiDevice::PciHostBridge(PciHostBridge {
+        ecam_base: 0xe000_1000,
+        ..bridge
+    }));
+    assert!(matches!(bad.build(), Err(Error::InvalidConfig { .. })));
+    bad.devices = vec![AcpiDevice::PciHostBridge(PciHostBridge {
+        mmio32: (0xf000_0000, 0x2000_0000),
+        ..bridge
+    })];
+    assert!(matches!(bad.build(), Err(Error::InvalidConfig { .. })));
 }

@@ -92,8 +92,40 @@ pub enum AcpiDevice {
         /// Interrupt (GSI), edge triggered, active high.
         gsi: u32,
     },
-    /// Raw AML appended to `\_SB` (e.g. a PCI host bridge built with `acpi_tables::aml`).
+    /// A PCI Express host bridge (PNP0A08) with ECAM: described in the DSDT as `PCIn` with
+    /// its bus range and windows, and its ECAM region listed in the MCFG table.
+    PciHostBridge(PciHostBridge),
+    /// Raw AML appended to `\_SB`.
     Aml(Vec<u8>),
+}
+
+/// A PCI segment as firmware describes it: where its ECAM is, which buses it decodes and
+/// which address windows it forwards to devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciHostBridge {
+    /// PCI segment group number.
+    pub segment: u16,
+    /// First bus number decoded.
+    pub bus_start: u8,
+    /// Last bus number decoded.
+    pub bus_end: u8,
+    /// Guest-physical base of the ECAM region (bus `bus_start`, device 0, function 0 at
+    /// this address; 1 MiB per bus).
+    pub ecam_base: u64,
+    /// 32-bit memory window for BARs (base, size), below 4 GiB.
+    pub mmio32: (u64, u64),
+    /// 64-bit memory window for BARs (base, size), if any.
+    pub mmio64: Option<(u64, u64)>,
+    /// I/O port window for I/O BARs (base, size), if any. The configuration ports
+    /// 0xCF8..0xCFF are always claimed.
+    pub io: Option<(u16, u16)>,
+}
+
+impl PciHostBridge {
+    /// Bytes of ECAM this bridge needs (1 MiB per bus; 0 for an empty bus range).
+    pub fn ecam_size(&self) -> u64 {
+        (u64::from(self.bus_end) + 1).saturating_sub(u64::from(self.bus_start)) << 20
+    }
 }
 
 /// COM1: 0x3f8, IRQ 4.
@@ -266,7 +298,9 @@ pub fn build_fadt(cfg: &AcpiConfig, dsdt: u64, facs: u64) -> Result<Vec<u8>> {
     Ok(aml_bytes(&f.finalize()))
 }
 
-const RESERVED_SIGNATURES: [&[u8; 4]; 6] = [b"FACP", b"APIC", b"DSDT", b"FACS", b"XSDT", b"RSDT"];
+const RESERVED_SIGNATURES: [&[u8; 4]; 7] = [
+    b"FACP", b"APIC", b"DSDT", b"FACS", b"XSDT", b"RSDT", b"MCFG",
+];
 
 fn validate_extra(index: usize, t: &[u8]) -> Result<()> {
     let invalid = |reason: String| Error::InvalidAcpiTable { index, reason };
@@ -300,6 +334,26 @@ fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }
 
+/// The MCFG table listing the ECAM region of every [`AcpiDevice::PciHostBridge`], or `None`
+/// without PCI.
+fn build_mcfg(devices: &[AcpiDevice]) -> Option<Vec<u8>> {
+    let bridges: Vec<&PciHostBridge> = devices
+        .iter()
+        .filter_map(|d| match d {
+            AcpiDevice::PciHostBridge(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    if bridges.is_empty() {
+        return None;
+    }
+    let mut mcfg = acpi_tables::mcfg::MCFG::new(OEM_ID, *b"VMKITMCF", 1);
+    for b in bridges {
+        mcfg.add_ecam(b.ecam_base, b.segment, b.bus_start, b.bus_end);
+    }
+    Some(aml_bytes(&mcfg))
+}
+
 /// Lays out and builds all tables for `cfg` (pure).
 pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables> {
     for (i, t) in cfg.extra_tables.iter().enumerate() {
@@ -307,6 +361,7 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables> {
     }
     let madt = build_madt(&cfg.apic_ids, cfg.ioapic_id, cfg.ioapic_addr)?;
     let dsdt = build_dsdt(&cfg.devices, cfg.s5_sleep_type)?;
+    let mcfg = build_mcfg(&cfg.devices);
     let facs = aml_bytes(&FACS::new());
 
     // Layout: RSDP, XSDT, FACS (64-byte aligned), DSDT, FADT, MADT, extras.
@@ -316,7 +371,7 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables> {
         start: RSDP_START,
         end: ACPI_END,
     };
-    let xsdt_entries = 2 + cfg.extra_tables.len() as u64;
+    let xsdt_entries = 2 + u64::from(mcfg.is_some()) + cfg.extra_tables.len() as u64;
     let xsdt_addr = RSDP_START + 64;
     let xsdt_len = 36 + 8 * xsdt_entries;
     let facs_addr = align_up(xsdt_addr + xsdt_len, 64);
@@ -325,6 +380,11 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables> {
     let fadt = build_fadt(cfg, dsdt_addr, facs_addr)?;
     let madt_addr = align_up(fadt_addr + fadt.len() as u64, 16);
     let mut cursor = align_up(madt_addr + madt.len() as u64, 16);
+    let mcfg_addr = mcfg.as_ref().map(|t| {
+        let addr = cursor;
+        cursor = align_up(cursor + t.len() as u64, 16);
+        addr
+    });
     let mut extras = Vec::with_capacity(cfg.extra_tables.len());
     for t in &cfg.extra_tables {
         extras.push(cursor);
@@ -337,6 +397,9 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables> {
     let mut xsdt = XSDT::new(OEM_ID, *b"VMKITXSD", 1);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if let Some(addr) = mcfg_addr {
+        xsdt.add_entry(addr);
+    }
     for &addr in &extras {
         xsdt.add_entry(addr);
     }
@@ -375,6 +438,13 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables> {
             bytes: madt,
         },
     ];
+    if let (Some(bytes), Some(addr)) = (mcfg, mcfg_addr) {
+        tables.push(AcpiTable {
+            signature: *b"MCFG",
+            addr,
+            bytes,
+        });
+    }
     for (t, addr) in cfg.extra_tables.iter().zip(extras) {
         tables.push(AcpiTable {
             signature: [t[0], t[1], t[2], t[3]],
