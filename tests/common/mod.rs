@@ -9,13 +9,18 @@ use std::process::{Command, Output};
 /// Path of the example VMM built by the same `cargo test` invocation (cargo builds examples
 /// before it runs tests).
 pub fn vmm_binary() -> PathBuf {
+    example_binary("vmm")
+}
+
+/// Path of the example `name` built by the same `cargo test` invocation.
+pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash> -> target/<profile>/examples/vmm
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("test executable lives in target/<profile>/deps");
-    let vmm = profile_dir.join("examples").join("vmm");
+    let vmm = profile_dir.join("examples").join(name);
     assert!(
         vmm.exists(),
         "{} is missing: run the tests through `cargo test`, which builds the examples",
