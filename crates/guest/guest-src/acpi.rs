@@ -308,3 +308,40 @@ pub fn discover_cpus<const N: usize>(
     }
     Some(info)
 }
+
+/// One ECAM region of the MCFG table (PCI segment group 0 only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ecam {
+    /// Physical base address of the region (for bus 0, whatever `start_bus` is).
+    pub base: u64,
+    /// First bus decoded.
+    pub start_bus: u8,
+    /// Last bus decoded.
+    pub end_bus: u8,
+}
+
+/// Finds the MCFG table through the RSDP at `rsdp_hint` (or a scan) and returns its first
+/// allocation for PCI segment group 0. `None` without a valid MCFG or such an entry.
+pub fn find_ecam(mem: &impl PhysMem, rsdp_hint: Option<u64>) -> Option<Ecam> {
+    let (root, xsdt) = find_root(mem, rsdp_hint)?;
+    let (mcfg, length) = find_in_root(mem, root, xsdt, b"MCFG")?;
+    // Header (36), 8 reserved bytes, then 16-byte entries: base u64, segment u16, start bus
+    // u8, end bus u8, 4 reserved bytes.
+    let mut at = 44u32;
+    while at + 16 <= length {
+        let e = mcfg + u64::from(at);
+        let base = mem.read_u64(e)?;
+        let segment = mem.read_u16(e + 8)?;
+        let start_bus = mem.read_u8(e + 10)?;
+        let end_bus = mem.read_u8(e + 11)?;
+        if segment == 0 && start_bus <= end_bus && base != 0 && base < ADDR_LIMIT {
+            return Some(Ecam {
+                base,
+                start_bus,
+                end_bus,
+            });
+        }
+        at += 16;
+    }
+    None
+}

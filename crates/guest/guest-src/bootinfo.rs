@@ -11,7 +11,7 @@
 use super::physmem::PhysMem;
 
 /// Bytes of command line kept (the report prints at most 200 of them).
-pub const CMDLINE_MAX: usize = 512;
+pub const CMDLINE_MAX: usize = 2048;
 /// Memory-map entries kept.
 pub const MEMMAP_MAX: usize = 64;
 /// Memory-map type of usable RAM (e820 and PVH use the same numbering).
@@ -252,6 +252,20 @@ impl BootInfo {
             }
         }
         Some(end - base)
+    }
+
+    /// Values of every `key=value` option on the command line, in order.
+    pub fn options<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let key = key.as_bytes();
+        self.cmdline()
+            .split(|&b| b == b' ')
+            .filter_map(move |word| {
+                if word.get(key.len()) == Some(&b'=') && word.starts_with(key) {
+                    word.get(key.len() + 1..)
+                } else {
+                    None
+                }
+            })
     }
 
     /// Value of a `key=value` option on the command line (first match).

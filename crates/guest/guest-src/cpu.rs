@@ -50,6 +50,43 @@ pub fn inb(port: u16) -> u8 {
     v
 }
 
+/// Writes a 32-bit value to an I/O port.
+#[inline(always)]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: port I/O has no memory effects visible to Rust.
+    unsafe {
+        asm!("outl %eax, %dx", in("dx") port, in("eax") value, options(att_syntax, nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a 32-bit value from an I/O port.
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: port I/O has no memory effects visible to Rust.
+    unsafe {
+        asm!("inl %dx, %eax", in("dx") port, out("eax") v, options(att_syntax, nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+/// Reads a `T` (u8/u16/u32/u64) from device memory at physical address `addr` (one access).
+///
+/// Only for addresses the identity map covers (below 4 GiB) that belong to a device the
+/// caller found (PCI BAR, ECAM, virtio-mmio, IOAPIC).
+#[inline(always)]
+pub fn mmio_read<T: Copy>(addr: u64) -> T {
+    // SAFETY: see above; device registers have no Rust-visible memory effects.
+    unsafe { (addr as *const T).read_volatile() }
+}
+
+/// Writes a `T` (u8/u16/u32/u64) to device memory at physical address `addr` (one access).
+#[inline(always)]
+pub fn mmio_write<T: Copy>(addr: u64, value: T) {
+    // SAFETY: see [`mmio_read`].
+    unsafe { (addr as *mut T).write_volatile(value) }
+}
+
 /// Writes a POST progress code to port 0x80.
 #[inline(always)]
 pub fn post(code: u8) {

@@ -7,7 +7,8 @@
 //! No handler returns with `iretq`: this host's KVM instruction emulator cannot execute it in
 //! long mode. Interrupts are only enabled inside `percpu::wait_for_interrupt`; a
 //! [`WAKE_VECTOR`] interrupt there is acknowledged and the wait resumes on the CPU's normal
-//! stack (see `percpu.rs`); [`SPURIOUS_VECTOR`] resumes without EOI.
+//! stack (see `percpu.rs`); [`SPURIOUS_VECTOR`] resumes without EOI. Device vectors
+//! (MSI-X, IOAPIC: `irq.rs`) are counted, acknowledged and resume the wait the same way.
 
 use crate::cpu::GDT_KERNEL_CS;
 use core::arch::asm;
@@ -147,6 +148,10 @@ extern "C" fn vmkit_trap(frame: &TrapFrame) -> ! {
             crate::percpu::resume_wait(frame.rip, frame_addr);
         }
         SPURIOUS_VECTOR => crate::percpu::resume_wait(frame.rip, frame_addr),
+        v if crate::irq::is_device_vector(v) => {
+            crate::irq::handle(v, frame_addr);
+            crate::percpu::resume_wait(frame.rip, frame_addr);
+        }
         _ => {}
     }
     crate::fatal_exception(vector, frame.rip, frame.error)

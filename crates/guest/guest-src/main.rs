@@ -11,20 +11,32 @@
 //! - `physmem.rs`, `bootinfo.rs`, `acpi.rs`, `mptable.rs`: pure parsers (host-tested)
 //! - `apic.rs`, `smp.rs`, `tsc.rs`: LAPIC, AP bring-up, TSC frequency
 //! - `report.rs`: the report lines (parsed by the host crate)
+//! - `devices.rs` (after all CPUs are online): `pci.rs` (ECAM/legacy config access,
+//!   enumeration, BARs, MSI-X), `irq.rs` (device vectors, IOAPIC, interrupt counting),
+//!   `dma.rs` (device memory), `virtio.rs` (both transports, split virtqueues), `blk.rs`,
+//!   `console.rs` and the rng in `devices.rs`; `options.rs` parses option values
 #![no_std]
 #![no_main]
 
 mod acpi;
 mod apic;
+mod blk;
 mod bootinfo;
+mod console;
 mod cpu;
+mod devices;
+mod dma;
 mod entry;
 mod gdt;
 mod idt;
+mod irq;
 mod mptable;
+mod options;
+mod pci;
 mod percpu;
 mod physmem;
 mod report;
+mod virtio;
 #[macro_use]
 mod serial;
 mod smp;
@@ -56,6 +68,8 @@ const EXIT_MISMATCH: u8 = 1;
 const EXIT_PANIC: u8 = 2;
 /// Exit code: CPU exception or unexpected interrupt.
 const EXIT_EXCEPTION: u8 = 3;
+/// Exit code: a device check failed (see the device report lines).
+const EXIT_DEVICE: u8 = 4;
 
 /// Physical memory through the identity map (the first 4 GiB).
 struct IdentityMem;
@@ -221,7 +235,8 @@ extern "C" fn vmkit_bsp_main(proto: u32, info: u64) -> ! {
     let t_boot = cpu::rdtsc();
 
     let expected = &mut statics.expected;
-    let source = if acpi::discover_cpus(&mem, boot.rsdp, expected).is_some() {
+    let madt = acpi::discover_cpus(&mem, boot.rsdp, expected);
+    let source = if madt.is_some() {
         CpuSource::Acpi
     } else if mptable::discover_cpus(&mem, expected) {
         CpuSource::MpTable
@@ -334,6 +349,21 @@ extern "C" fn vmkit_bsp_main(proto: u32, info: u64) -> ! {
         s.put_str("/");
         s.put_dec(u64::from(posted));
         s.put_str("\n");
+    }
+    // Devices come after every CPU is online (and after the boot report): PCI, virtio,
+    // interrupts. `vmkit.devices=0` skips them.
+    let mut code = code;
+    if boot.option("vmkit.devices") != Some(b"0") {
+        let ok = devices::run(
+            boot,
+            madt.as_ref(),
+            started.area_end(),
+            tsc_khz,
+            online.as_slice(),
+        );
+        if !ok && code == EXIT_OK {
+            code = EXIT_DEVICE;
+        }
     }
     report::write_exit_line(&mut Serial::lock(), code);
     exit(code)

@@ -119,3 +119,18 @@ pub fn block(cpu: usize) -> u64 {
         vmkit_ap_area.load(Ordering::Relaxed) + ((cpu as u64 - 1) << BLOCK_SHIFT)
     }
 }
+
+/// CPU index of the CPU whose per-CPU block holds `addr` (an address on one of its IST
+/// stacks, e.g. an interrupt frame), or `None` if it lies in no block.
+pub fn cpu_of_addr(addr: u64) -> Option<usize> {
+    let block_of = addr & !(BLOCK_SIZE as u64 - 1);
+    if block_of == block(0) {
+        return Some(0);
+    }
+    let area = vmkit_ap_area.load(Ordering::Relaxed);
+    if area == 0 || block_of < area {
+        return None;
+    }
+    let cpu = ((block_of - area) >> BLOCK_SHIFT) as usize + 1;
+    (cpu < MAX_CPUS).then_some(cpu)
+}

@@ -152,3 +152,90 @@ pub fn write_exception_line(w: &mut impl Sink, vector: u8, rip: u64, error: u64)
     w.put_hex(error);
     w.put_str("\n");
 }
+
+/// Prefix of the PCI summary line (see `abi.rs` on the host side for every device line).
+pub const PCI_PREFIX: &str = "VMKIT-PCI";
+/// Prefix of the per-function PCI line.
+pub const PCI_DEV_PREFIX: &str = "VMKIT-PCI-DEV";
+/// Prefix of the virtio-blk verification line.
+pub const BLK_PREFIX: &str = "VMKIT-VIRTIO-BLK";
+/// Prefix of the virtio-blk benchmark line.
+pub const BLK_BENCH_PREFIX: &str = "VMKIT-VIRTIO-BLK-BENCH";
+/// Prefix of the virtio-console echo line.
+pub const CONSOLE_PREFIX: &str = "VMKIT-VIRTIO-CONSOLE";
+/// Prefix of the virtio-rng line.
+pub const RNG_PREFIX: &str = "VMKIT-VIRTIO-RNG";
+/// Prefix of the line for a virtio device the guest could not drive.
+pub const VIRTIO_ERROR_PREFIX: &str = "VMKIT-VIRTIO-ERROR";
+/// Prefix of the interrupt-distribution line.
+pub const MSIX_PREFIX: &str = "VMKIT-MSIX";
+
+/// Starts a `key=value` report line with `prefix`.
+pub fn begin(w: &mut impl Sink, prefix: &str) {
+    w.put_str(prefix);
+}
+
+/// Writes ` key=<decimal>`.
+pub fn field_dec(w: &mut impl Sink, key: &str, v: u64) {
+    w.put_str(" ");
+    w.put_str(key);
+    w.put_str("=");
+    w.put_dec(v);
+}
+
+/// Writes ` key=<0x hex>`.
+pub fn field_hex(w: &mut impl Sink, key: &str, v: u64) {
+    w.put_str(" ");
+    w.put_str(key);
+    w.put_str("=");
+    w.put_hex(v);
+}
+
+/// Writes ` key=<word>`; bytes that are not printable ASCII, space, `=` and `"` become `?`
+/// (so the line still splits into `key=value` tokens).
+pub fn field_str(w: &mut impl Sink, key: &str, v: &[u8]) {
+    w.put_str(" ");
+    w.put_str(key);
+    w.put_str("=");
+    if v.is_empty() {
+        w.put_str("-");
+    }
+    for &b in v.iter().take(64) {
+        let c = if (0x21..0x7F).contains(&b) && b != b'"' && b != b'=' {
+            b
+        } else {
+            b'?'
+        };
+        w.put(&[c]);
+    }
+}
+
+/// Writes ` key=<n>.<nn>` for a value given in hundredths.
+pub fn field_centi(w: &mut impl Sink, key: &str, hundredths: u64) {
+    field_dec(w, key, hundredths / 100);
+    let frac = hundredths % 100;
+    w.put_str(if frac < 10 { ".0" } else { "." });
+    w.put_dec(frac);
+}
+
+/// Writes ` key=<bb>:<dd>.<f>` (hex bus and device, as `lspci` prints them).
+pub fn field_bdf(w: &mut impl Sink, key: &str, bus: u8, dev: u8, func: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    w.put_str(" ");
+    w.put_str(key);
+    w.put_str("=");
+    w.put(&[
+        HEX[usize::from(bus >> 4)],
+        HEX[usize::from(bus & 0xF)],
+        b':',
+        HEX[usize::from((dev >> 4) & 1)],
+        HEX[usize::from(dev & 0xF)],
+        b'.',
+        b'0' + (func & 7),
+    ]);
+}
+
+/// Ends a report line.
+pub fn end(w: &mut impl Sink) {
+    w.put_str("\n");
+}

@@ -515,6 +515,16 @@ pub fn start_aps(boot: &BootInfo, want: &'static ApicIdSet<MAX_CPUS>) -> Started
     }
 }
 
+impl Started {
+    /// First byte after the per-CPU blocks prepared for the APs (the guest may use RAM from
+    /// here on for other things, e.g. device buffers).
+    pub fn area_end(&self) -> u64 {
+        let image_end = core::ptr::addr_of!(__image_end) as u64;
+        let area = (image_end + BLOCK_SIZE as u64 - 1) & !(BLOCK_SIZE as u64 - 1);
+        area + (self.slots as u64) * BLOCK_SIZE as u64
+    }
+}
+
 /// Sends INIT to every other CPU (the first half of starting them, see [`start_aps`]).
 pub fn send_init() {
     apic::send_init_all_but_self();

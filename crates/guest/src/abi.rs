@@ -73,3 +73,101 @@ pub mod cmdline {
     /// [`super::EXIT_EXCEPTION`]).
     pub const FAULT_UD2: &str = "vmkit.fault=ud2";
 }
+
+/// Exit code: a device check failed (a `verify=fail`, `echo=` other than `ok`/`no_port`,
+/// `ok=0`, `VMKIT-VIRTIO-ERROR` or BAR `failed=` line; see [`devices`]).
+pub const EXIT_DEVICE: u8 = 4;
+
+/// Device options (after every CPU is online the guest enumerates PCI and drives the
+/// virtio devices it finds; with none, it prints only the `VMKIT-PCI` summary).
+pub mod device_options {
+    /// `vmkit.devices=0`: skip all device work (no device lines at all).
+    pub const DEVICES_OFF: &str = "vmkit.devices=0";
+    /// `vmkit.pci_ecam=<base>`: ECAM base (buses 0..=255) when there is no ACPI MCFG table
+    /// (QEMU's microvm describes its ECAM at 0xE000_0000 only in the DSDT). Without MCFG or
+    /// this option the guest uses the legacy 0xCF8/0xCFC ports.
+    pub const PCI_ECAM: &str = "vmkit.pci_ecam";
+    /// `vmkit.pci_mmio=<start>-<end>`: window for BARs the guest assigns (default
+    /// `0xc0000000-0xe0000000`, end exclusive).
+    pub const PCI_MMIO: &str = "vmkit.pci_mmio";
+    /// `vmkit.pci_reassign=1`: reprogram every endpoint memory BAR, allocating top-down from
+    /// the end of the window (so BARs a VMM assigned bottom-up move). Without it only
+    /// unassigned (zero) BARs are programmed.
+    pub const PCI_REASSIGN: &str = "vmkit.pci_reassign=1";
+    /// `vmkit.blk_verify_mib=<n>`: bytes verified per disk (default 2 MiB, `0` = whole disk;
+    /// never more than the capacity).
+    pub const BLK_VERIFY_MIB: &str = "vmkit.blk_verify_mib";
+    /// `vmkit.blk_queue_size=<n>`: largest virtqueue size used (default 256).
+    pub const BLK_QUEUE_SIZE: &str = "vmkit.blk_queue_size";
+    /// `vmkit.blk_bench=1`: run the benchmark after the verification.
+    pub const BLK_BENCH: &str = "vmkit.blk_bench=1";
+    /// `vmkit.blk_bench_ms=<ms>`: duration of each benchmark phase (default 500).
+    pub const BLK_BENCH_MS: &str = "vmkit.blk_bench_ms";
+    /// `vmkit.blk_qd=<n>`: requests in flight per queue (default 16; at most queue size / 3).
+    pub const BLK_QD: &str = "vmkit.blk_qd";
+    /// `vmkit.blk_bs=<bytes>`: sequential request size (default 65536).
+    pub const BLK_BS: &str = "vmkit.blk_bs";
+    /// `vmkit.echo_port=<name>`: virtio-console port to echo through (default `vmkit.echo`).
+    pub const ECHO_PORT: &str = "vmkit.echo_port";
+    /// `vmkit.echo_timeout_ms=<ms>`: how long to wait for the port and the echo (default
+    /// 3000).
+    pub const ECHO_TIMEOUT_MS: &str = "vmkit.echo_timeout_ms";
+    /// `virtio_mmio.device=<size>@<base>:<gsi>[:<id>]` (Linux's syntax, repeatable): a
+    /// virtio-mmio version 2 device. Its interrupt is routed through the IOAPIC that serves
+    /// `<gsi>` (MADT; else 0xFEC0_0000), edge triggered, active high.
+    pub const VIRTIO_MMIO: &str = "virtio_mmio.device";
+}
+
+/// The device report lines, one per line on COM1, `key=value` tokens separated by spaces.
+///
+/// ```text
+/// VMKIT-PCI access=<ecam|legacy> ecam=<0xbase|-> buses=<n> devices=<n> assigned=<n> relocated=<n> failed=<n>
+/// VMKIT-PCI-DEV bdf=<bb:dd.f> id=<vvvv:dddd> class=<0xhex> bar_bytes=<n>
+/// VMKIT-VIRTIO-BLK transport=<pci|mmio> addr=<bdf|0xbase> queues=<n> capacity=<bytes> verify=<ok|fail|skipped> bytes=<n> bad_sectors=<n> io_errors=<n> flush=<ok|fail|unsupported> irqs=<n> us=<n>
+/// VMKIT-VIRTIO-BLK-BENCH transport=.. addr=.. queues=<n> qd=<n> bs=<bytes> ms=<n> seq_write_mibps=<x.yy> seq_read_mibps=<x.yy> rand_read_iops=<n> rand_bs=4096 io_errors=<n>
+/// VMKIT-VIRTIO-CONSOLE transport=.. addr=.. port=<n> name=<name|-> sent=<n> received=<n> echo=<ok|mismatch|timeout|no_port> irqs=<n>
+/// VMKIT-VIRTIO-RNG transport=.. addr=.. bytes=<n> ok=<0|1> irqs=<n>
+/// VMKIT-VIRTIO-ERROR transport=.. addr=.. device=<virtio type> reason=<word>
+/// VMKIT-MSIX vectors=<n> cpus=<n> cpus_targeted=<n> cpus_hit=<n> interrupts=<n> wrong_cpu=<n> rotation_cpus=<n> rotation_hit=<n>
+/// ```
+///
+/// - `VMKIT-PCI`: `assigned` memory BARs the guest programmed, `relocated` of those that had
+///   another non-zero address, `failed` that did not fit the window.
+/// - `irqs`: interrupts counted on the device's vectors when its line was printed.
+/// - verification: the first `vmkit.blk_verify_mib` MiB are written with a per-boot
+///   pattern (64 KiB requests, two in flight on every queue), flushed, read back, compared.
+/// - benchmark: three phases of `ms` each (sequential write, sequential read of `bs`,
+///   random 4 KiB reads), `qd` requests in flight on every queue; MiB/s with two decimals.
+/// - `VMKIT-MSIX` (printed when any device interrupt was set up): MSI-X entries and IOAPIC
+///   routes programmed (`vectors`), spread round-robin over the online CPUs (`cpus`,
+///   `cpus_targeted`); `cpus_hit` CPUs received device interrupts, `interrupts` in total,
+///   `wrong_cpu` arrived on a CPU other than the programmed one. Rotation: the first
+///   virtio-rng-pci's MSI-X entry is pointed at each online CPU in turn and one request made;
+///   `rotation_hit` of `rotation_cpus` CPUs received that interrupt.
+///
+/// Interrupts without `iretq`: handlers count, EOI and resume the `sti; hlt` wait they
+/// interrupted (the only place interrupts are enabled); drivers poll their used rings.
+///
+/// Console echo protocol: the host side of the port named `vmkit.echo` (or
+/// `vmkit.echo_port`) echoes every byte it receives, unchanged, in order. The guest opens the
+/// port (`VIRTIO_CONSOLE_PORT_OPEN`), sends one line `vmkit-echo 0x<16 hex digits>\n`
+/// (30 bytes) and expects exactly those bytes back within `vmkit.echo_timeout_ms`. Without
+/// `VIRTIO_CONSOLE_F_MULTIPORT` port 0 is used as is.
+pub mod devices {
+    /// Prefix of the PCI summary line.
+    pub const PCI: &str = "VMKIT-PCI";
+    /// Prefix of the per-function PCI line.
+    pub const PCI_DEV: &str = "VMKIT-PCI-DEV";
+    /// Prefix of the virtio-blk verification line.
+    pub const BLK: &str = "VMKIT-VIRTIO-BLK";
+    /// Prefix of the virtio-blk benchmark line.
+    pub const BLK_BENCH: &str = "VMKIT-VIRTIO-BLK-BENCH";
+    /// Prefix of the virtio-console line.
+    pub const CONSOLE: &str = "VMKIT-VIRTIO-CONSOLE";
+    /// Prefix of the virtio-rng line.
+    pub const RNG: &str = "VMKIT-VIRTIO-RNG";
+    /// Prefix of the line for a virtio device that could not be driven.
+    pub const VIRTIO_ERROR: &str = "VMKIT-VIRTIO-ERROR";
+    /// Prefix of the interrupt-distribution line.
+    pub const MSIX: &str = "VMKIT-MSIX";
+}

@@ -9,6 +9,8 @@ pub mod acpi;
 pub mod bootinfo;
 #[path = "../guest-src/mptable.rs"]
 pub mod mptable;
+#[path = "../guest-src/options.rs"]
+pub mod options;
 #[path = "../guest-src/physmem.rs"]
 pub mod physmem;
 #[path = "../guest-src/report.rs"]

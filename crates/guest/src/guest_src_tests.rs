@@ -625,10 +625,10 @@ proptest! {
 
     #[test]
     fn cmdline_is_read_up_to_the_nul_or_the_limit(
-        text in proptest::collection::vec(1u8..=255, 0..600),
+        text in proptest::collection::vec(1u8..=255, 0..2200),
         nul in any::<bool>(),
         misalign in 0u64..8,
-        size in 0u32..700,
+        size in 0u32..2600,
     ) {
         let mut mem = VecMem::new(0x1_0000);
         let at = 0x2000 + misalign;
@@ -643,12 +643,228 @@ proptest! {
         mem.write_u32(bp + 0x228, at as u32);
         mem.write_u32(bp + 0x238, size);
         let b = BootInfo::from_linux(&mem, bp).unwrap();
-        let limit = if size == 0 { 512 } else { (size as usize).min(512) };
+        let max = crate::guest_src::bootinfo::CMDLINE_MAX;
+        let limit = if size == 0 { max } else { (size as usize).min(max) };
         let mut want: Vec<u8> = text.clone();
         if !nul {
             want.extend_from_slice(&[b'x'; 16]);
         }
         want.truncate(limit);
         prop_assert_eq!(b.cmdline(), &want[..]);
+    }
+}
+
+#[test]
+fn device_lines_round_trip_through_the_host_parser() {
+    use crate::devices::{Echo, Flush, Hundredths, Transport, Verify};
+    let mut out = String::new();
+    greport::write_boot_line(&mut out, "pvh", b"");
+    greport::write_cpus_line(&mut out, 2, 2, &[0, 1], true);
+    greport::write_topo_line(&mut out, 0, 1, true);
+    greport::begin(&mut out, greport::PCI_PREFIX);
+    greport::field_str(&mut out, "access", b"ecam");
+    greport::field_hex(&mut out, "ecam", 0xE000_0000);
+    for (k, v) in [
+        ("buses", 1),
+        ("devices", 3),
+        ("assigned", 4),
+        ("relocated", 2),
+        ("failed", 0),
+    ] {
+        greport::field_dec(&mut out, k, v);
+    }
+    greport::end(&mut out);
+    out.push_str("VMKIT-PCI-DEV bdf=00:01.0 id=1af4:1042 class=0x10000 bar_bytes=16384\n");
+    greport::begin(&mut out, greport::BLK_PREFIX);
+    greport::field_str(&mut out, "transport", b"pci");
+    greport::field_bdf(&mut out, "addr", 0, 0x1f, 3);
+    for (k, v) in [("queues", 4), ("capacity", 8 << 20)] {
+        greport::field_dec(&mut out, k, v);
+    }
+    greport::field_str(&mut out, "verify", b"ok");
+    for (k, v) in [("bytes", 1 << 20), ("bad_sectors", 0), ("io_errors", 0)] {
+        greport::field_dec(&mut out, k, v);
+    }
+    greport::field_str(&mut out, "flush", b"unsupported");
+    greport::field_dec(&mut out, "irqs", 7);
+    greport::field_dec(&mut out, "us", 1234);
+    greport::end(&mut out);
+    greport::begin(&mut out, greport::BLK_BENCH_PREFIX);
+    greport::field_str(&mut out, "transport", b"mmio");
+    greport::field_hex(&mut out, "addr", 0xFEB0_0E00);
+    for (k, v) in [("queues", 1), ("qd", 16), ("bs", 65536), ("ms", 500)] {
+        greport::field_dec(&mut out, k, v);
+    }
+    greport::field_centi(&mut out, "seq_write_mibps", 34_803);
+    greport::field_centi(&mut out, "seq_read_mibps", 7);
+    greport::field_dec(&mut out, "rand_read_iops", 5251);
+    greport::field_dec(&mut out, "rand_bs", 4096);
+    greport::field_dec(&mut out, "io_errors", 0);
+    greport::end(&mut out);
+    out.push_str("VMKIT-VIRTIO-CONSOLE transport=pci addr=00:03.0 port=1 name=vmkit.echo sent=30 received=30 echo=ok irqs=6\n");
+    out.push_str("VMKIT-VIRTIO-RNG transport=pci addr=00:02.0 bytes=64 ok=1 irqs=1\n");
+    out.push_str(
+        "VMKIT-VIRTIO-ERROR transport=mmio addr=0xfeb00e00 device=0 reason=not_version_2\n",
+    );
+    out.push_str("VMKIT-MSIX vectors=11 cpus=64 cpus_targeted=11 cpus_hit=64 interrupts=87 wrong_cpu=0 rotation_cpus=64 rotation_hit=64\n");
+    greport::write_exit_line(&mut out, 0);
+    let r = parse_report(&out).unwrap();
+    let d = &r.devices;
+    let pci = d.pci.as_ref().unwrap();
+    assert!(pci.ecam);
+    assert_eq!(pci.ecam_base, Some(0xE000_0000));
+    assert_eq!((pci.devices, pci.assigned, pci.relocated), (3, 4, 2));
+    assert_eq!(d.pci_functions[0].vendor, 0x1af4);
+    assert_eq!(d.pci_functions[0].device, 0x1042);
+    assert_eq!(d.pci_functions[0].class, 0x10000);
+    assert_eq!(d.blk[0].transport, Transport::Pci("00:1f.3".into()));
+    assert_eq!(d.blk[0].verify, Verify::Ok);
+    assert_eq!(d.blk[0].flush, Flush::Unsupported);
+    assert_eq!(
+        (d.blk[0].queues, d.blk[0].bytes, d.blk[0].irqs),
+        (4, 1 << 20, 7)
+    );
+    let b = &d.blk_bench[0];
+    assert_eq!(b.transport, Transport::Mmio(0xFEB0_0E00));
+    assert_eq!(b.seq_write_mibps, Hundredths(34_803));
+    assert_eq!(b.seq_read_mibps, Hundredths(7));
+    assert!((b.seq_write_mibps.as_f64() - 348.03).abs() < 1e-9);
+    assert_eq!((b.qd, b.rand_read_iops), (16, 5251));
+    assert_eq!(d.console[0].echo, Echo::Ok);
+    assert_eq!(d.console[0].name, "vmkit.echo");
+    assert!(d.rng[0].ok);
+    assert_eq!(d.errors[0].reason, "not_version_2");
+    let m = d.msix.unwrap();
+    assert_eq!((m.cpus, m.cpus_hit, m.rotation_hit), (64, 64, 64));
+    assert!(!d.no_virtio());
+    assert!(r.other_lines.is_empty());
+
+    // Without devices: no virtio lines, and the report is what it always was.
+    let mut plain = String::new();
+    greport::write_boot_line(&mut plain, "pvh", b"");
+    greport::write_cpus_line(&mut plain, 1, 1, &[0], true);
+    greport::write_topo_line(&mut plain, 0, 0, true);
+    plain.push_str(
+        "VMKIT-PCI access=legacy ecam=- buses=1 devices=0 assigned=0 relocated=0 failed=0\n",
+    );
+    greport::write_exit_line(&mut plain, 0);
+    let r = parse_report(&plain).unwrap();
+    assert!(r.devices.no_virtio());
+    assert_eq!(r.devices.pci.as_ref().map(|p| p.ecam), Some(false));
+}
+
+#[test]
+fn malformed_device_lines_are_errors() {
+    let head = "VMKIT-GUEST boot=pvh cmdline=\"\"\nVMKIT-GUEST cpus=1 expected=1 apic_ids=0 x2apic=0\nVMKIT-GUEST topo smt_bits=0 core_bits=0 consistent=1\nVMKIT-GUEST exit=0\n";
+    for bad in [
+        "VMKIT-PCI access=pcie ecam=- buses=1 devices=0 assigned=0 relocated=0 failed=0",
+        "VMKIT-PCI access=ecam ecam=e0000000 buses=1 devices=0 assigned=0 relocated=0 failed=0",
+        "VMKIT-PCI-DEV bdf=00:01.0 id=1af41042 class=0x0 bar_bytes=0",
+        "VMKIT-VIRTIO-BLK transport=usb addr=x queues=1 capacity=0 verify=ok bytes=0 bad_sectors=0 io_errors=0 flush=ok irqs=0 us=0",
+        "VMKIT-VIRTIO-BLK transport=pci addr=00:01.0 queues=1 capacity=0 verify=maybe bytes=0 bad_sectors=0 io_errors=0 flush=ok irqs=0 us=0",
+        "VMKIT-VIRTIO-BLK-BENCH transport=pci addr=00:01.0 queues=1 qd=1 bs=512 ms=1 seq_write_mibps=1.5 seq_read_mibps=1.00 rand_read_iops=1 io_errors=0",
+        "VMKIT-VIRTIO-CONSOLE transport=pci addr=00:03.0 port=1 name=x sent=1 received=1 echo=yes irqs=0",
+        "VMKIT-VIRTIO-RNG transport=mmio addr=feb00000 bytes=1 ok=1 irqs=0",
+        "VMKIT-MSIX vectors=1",
+    ] {
+        let out = format!("{head}{bad}\n");
+        assert!(
+            matches!(parse_report(&out), Err(crate::ReportError::Malformed { .. })),
+            "{bad:?} gave {:?}",
+            parse_report(&out)
+        );
+    }
+}
+
+#[test]
+fn option_values() {
+    use crate::guest_src::options::*;
+    assert_eq!(parse_u64(b"42"), Some(42));
+    assert_eq!(parse_u64(b"0xfeb00e00"), Some(0xFEB0_0E00));
+    assert_eq!(parse_u64(b"0x"), None);
+    assert_eq!(parse_u64(b""), None);
+    assert_eq!(parse_u64(b"99999999999999999999"), None);
+    assert_eq!(parse_size(b"4K"), Some(4096));
+    assert_eq!(parse_size(b"512"), Some(512));
+    assert_eq!(parse_size(b"2m"), Some(2 << 20));
+    assert_eq!(parse_size(b"K"), None);
+    assert_eq!(
+        parse_virtio_mmio(b"4K@0xf0000000:16"),
+        Some(MmioDevice {
+            size: 4096,
+            base: 0xF000_0000,
+            irq: 16
+        })
+    );
+    assert_eq!(
+        parse_virtio_mmio(b"512@0xfeb00e00:12:3").map(|d| d.irq),
+        Some(12)
+    );
+    for bad in [
+        &b"4K@0xf0000000"[..],
+        b"@0x1:2",
+        b"4K0xf0000000:16",
+        b"0@0x1:2",
+        b"1@0x1:2:3:4",
+        b"4K@0xffffffffffffffff:1",
+    ] {
+        assert_eq!(
+            parse_virtio_mmio(bad),
+            None,
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert_eq!(
+        parse_range(b"0xc0000000-0xe0000000"),
+        Some((0xC000_0000, 0xE000_0000))
+    );
+    assert_eq!(parse_range(b"5-5"), None);
+}
+
+#[test]
+fn mcfg_is_found() {
+    let mut mem = VecMem::new(0x10_0000);
+    build_acpi(&mut mem, 0xF_0010, true, &[(0, true)], &[]);
+    assert_eq!(acpi::find_ecam(&mem, Some(0xF_0010)), None);
+    // Add an MCFG to the XSDT at 0x2000 (36 + 2 entries, see build_acpi).
+    let mcfg = 0x4000u64;
+    sdt_header(&mut mem, mcfg, b"MCFG", 44 + 32);
+    mem.write_u64(mcfg + 44, 0xB000_0000);
+    mem.write(mcfg + 52, &[1, 0, 0, 0xFF]); // segment 1: skipped
+    mem.write_u64(mcfg + 60, 0xE000_0000);
+    mem.write(mcfg + 68, &[0, 0, 0, 0x3F]);
+    fix_checksum(&mut mem, mcfg, 76, mcfg + 9);
+    let root = 0x2000u64;
+    sdt_header(&mut mem, root, b"XSDT", 36 + 24);
+    mem.write_u64(root + 36, 0x2800);
+    mem.write_u64(root + 44, 0x3000);
+    mem.write_u64(root + 52, mcfg);
+    fix_checksum(&mut mem, root, 60, root + 9);
+    assert_eq!(
+        acpi::find_ecam(&mem, Some(0xF_0010)),
+        Some(acpi::Ecam {
+            base: 0xE000_0000,
+            start_bus: 0,
+            end_bus: 0x3F
+        })
+    );
+}
+
+proptest! {
+    #[test]
+    fn option_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+        use crate::guest_src::options::*;
+        let _ = parse_virtio_mmio(&bytes);
+        let _ = parse_range(&bytes);
+        let _ = parse_size(&bytes);
+    }
+
+    #[test]
+    fn device_lines_never_panic(
+        lines in proptest::collection::vec(
+            "VMKIT-(PCI|PCI-DEV|VIRTIO-BLK|VIRTIO-BLK-BENCH|VIRTIO-CONSOLE|VIRTIO-RNG|VIRTIO-ERROR|MSIX) [ -~]{0,80}", 0..6)
+    ) {
+        let _ = parse_report(&lines.join("\n"));
     }
 }

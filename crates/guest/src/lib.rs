@@ -26,6 +26,7 @@
 //! ```
 
 pub mod abi;
+pub mod devices;
 mod elf;
 mod report;
 

@@ -12,8 +12,11 @@
 //! `VMKIT-GUEST panic exception=<n> rip=<hex> err=<hex>` (CPU exception) followed by the exit
 //! line. With `vmkit.debug=1` a `VMKIT-GUEST debug key=value ...` line is added.
 //! Other output, and `VMKIT-GUEST` lines of kinds this version does not know, are ignored
-//! (kept in [`GuestReport::other_lines`]).
+//! (kept in [`GuestReport::other_lines`]). The device lines (`VMKIT-PCI ...`,
+//! `VMKIT-VIRTIO-...`, `VMKIT-MSIX ...`, see [`crate::abi::devices`]) go to
+//! [`GuestReport::devices`].
 
+use crate::devices::{parse_device_line, DeviceReport};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -67,6 +70,8 @@ pub struct GuestReport {
     pub debug: BTreeMap<String, String>,
     /// `VMKIT-GUEST` lines of kinds this parser does not know (from newer guests).
     pub other_lines: Vec<String>,
+    /// The device lines (PCI, virtio, MSI-X); empty when the guest found no devices.
+    pub devices: DeviceReport,
 }
 
 impl GuestReport {
@@ -95,7 +100,7 @@ pub enum ReportError {
     },
 }
 
-fn malformed(line: &str, reason: impl Into<String>) -> ReportError {
+pub(crate) fn malformed(line: &str, reason: impl Into<String>) -> ReportError {
     ReportError::Malformed {
         line: line.to_string(),
         reason: reason.into(),
@@ -103,7 +108,10 @@ fn malformed(line: &str, reason: impl Into<String>) -> ReportError {
 }
 
 /// Splits `key=value` tokens; every token must have a key and a value.
-fn fields<'a>(line: &str, rest: &'a str) -> Result<BTreeMap<&'a str, &'a str>, ReportError> {
+pub(crate) fn fields<'a>(
+    line: &str,
+    rest: &'a str,
+) -> Result<BTreeMap<&'a str, &'a str>, ReportError> {
     let mut map = BTreeMap::new();
     for tok in rest.split_ascii_whitespace() {
         let (k, v) = tok
@@ -119,18 +127,26 @@ fn fields<'a>(line: &str, rest: &'a str) -> Result<BTreeMap<&'a str, &'a str>, R
     Ok(map)
 }
 
-fn get<'a>(line: &str, map: &BTreeMap<&str, &'a str>, key: &str) -> Result<&'a str, ReportError> {
+pub(crate) fn get<'a>(
+    line: &str,
+    map: &BTreeMap<&str, &'a str>,
+    key: &str,
+) -> Result<&'a str, ReportError> {
     map.get(key)
         .copied()
         .ok_or_else(|| malformed(line, format!("no {key}=")))
 }
 
-fn number<T: std::str::FromStr>(line: &str, key: &str, v: &str) -> Result<T, ReportError> {
+pub(crate) fn number<T: std::str::FromStr>(
+    line: &str,
+    key: &str,
+    v: &str,
+) -> Result<T, ReportError> {
     v.parse()
         .map_err(|_| malformed(line, format!("{key}={v:?} is not a valid number")))
 }
 
-fn flag(line: &str, key: &str, v: &str) -> Result<bool, ReportError> {
+pub(crate) fn flag(line: &str, key: &str, v: &str) -> Result<bool, ReportError> {
     match v {
         "0" => Ok(false),
         "1" => Ok(true),
@@ -179,6 +195,7 @@ struct Partial {
     exit: Option<u8>,
     debug: BTreeMap<String, String>,
     other: Vec<String>,
+    devices: DeviceReport,
 }
 
 fn parse_line(line: &str, p: &mut Partial) -> Result<(), ReportError> {
@@ -233,6 +250,13 @@ fn parse_line(line: &str, p: &mut Partial) -> Result<(), ReportError> {
 pub fn parse_report(output: &str) -> Result<GuestReport, ReportError> {
     let mut p = Partial::default();
     for raw in output.lines() {
+        if let Some(pos) = raw.find("VMKIT-") {
+            let line = raw[pos..].trim_end_matches(['\r', ' ']);
+            let (kind, rest) = line.split_once(' ').unwrap_or((line, ""));
+            if parse_device_line(kind, line, rest, &mut p.devices)? {
+                continue;
+            }
+        }
         let Some(pos) = raw.find(PREFIX) else {
             continue;
         };
@@ -256,6 +280,7 @@ pub fn parse_report(output: &str) -> Result<GuestReport, ReportError> {
         exit_code,
         debug: p.debug,
         other_lines: p.other,
+        devices: p.devices,
     })
 }
 
