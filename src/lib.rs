@@ -27,4 +27,5 @@ pub use vmkit_guest as guest;
 pub use vmkit_irq as irq;
 pub use vmkit_memory as memory;
 pub use vmkit_migration as migration;
+pub use vmkit_pci as pci;
 pub use vmkit_vcpu as vcpu;
