@@ -29,3 +29,4 @@ pub use vmkit_memory as memory;
 pub use vmkit_migration as migration;
 pub use vmkit_pci as pci;
 pub use vmkit_vcpu as vcpu;
+pub use vmkit_virtio as virtio;

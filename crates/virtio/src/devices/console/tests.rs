@@ -1,0 +1,613 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::control::{event, ControlMessage};
+use super::*;
+use crate::devices::testutil::{atomic, memory, TestInterrupt, TestQueue, D};
+use crate::ActiveQueue;
+
+fn qbase(index: u16) -> u64 {
+    0x1_0000 * (u64::from(index) + 1)
+}
+
+fn buf_addr(index: u16, n: u64) -> u64 {
+    0x40_0000 + 0x1_0000 * u64::from(index) + 0x100 * n
+}
+
+fn ctrl(id: u32, ev: u16, value: u16) -> Vec<u8> {
+    ControlMessage {
+        id,
+        event: ev,
+        value,
+    }
+    .encode(&[])
+}
+
+/// Host ends of a port over a socket pair: (port backend, host side).
+fn pair_backend() -> (PortBackend, UnixStream) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let input: OwnedFd = a.try_clone().unwrap().into();
+    let output: OwnedFd = a.into();
+    (
+        PortBackend::Fds {
+            input: Some(input),
+            output: Some(output),
+        },
+        b,
+    )
+}
+
+struct Rig<'a> {
+    mem: &'a GuestMem,
+    queues: BTreeMap<u16, TestQueue<'a>>,
+    posted: BTreeMap<u16, u64>,
+}
+
+impl<'a> Rig<'a> {
+    fn new(mem: &'a GuestMem, indices: &[u16]) -> Self {
+        let queues = indices
+            .iter()
+            .map(|i| (*i, TestQueue::new(mem, qbase(*i), 16)))
+            .collect();
+        Rig {
+            mem,
+            queues,
+            posted: BTreeMap::new(),
+        }
+    }
+
+    /// Posts a 256-byte receive buffer on `index`.
+    fn post_rx(&mut self, index: u16) {
+        let n = self.posted.entry(index).or_insert(0);
+        let addr = buf_addr(index, *n % 64);
+        *n += 1;
+        self.queues
+            .get_mut(&index)
+            .unwrap()
+            .add(&[D(addr, 256, true)]);
+    }
+
+    /// Posts `data` for the device on `index`.
+    fn post_tx(&mut self, index: u16, data: &[u8]) {
+        let n = self.posted.entry(index).or_insert(0);
+        let addr = buf_addr(index, *n % 64);
+        *n += 1;
+        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+        self.queues
+            .get_mut(&index)
+            .unwrap()
+            .add(&[D(addr, data.len() as u32, false)]);
+    }
+
+    /// Used entries of a receive queue, as byte strings, from entry `from`.
+    fn received(&self, index: u16, from: u16) -> Vec<Vec<u8>> {
+        let q = &self.queues[&index];
+        (from..q.used_idx())
+            .map(|i| {
+                let (_, len) = q.used(i);
+                let addr = buf_addr(index, u64::from(i) % 64);
+                let mut v = vec![0u8; len as usize];
+                self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+                v
+            })
+            .collect()
+    }
+
+    fn active_queues(&self) -> Vec<ActiveQueue> {
+        self.queues
+            .iter()
+            .map(|(i, q)| ActiveQueue {
+                index: *i,
+                queue: q.queue(),
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            })
+            .collect()
+    }
+}
+
+fn handler(
+    mem: &GuestMem,
+    rig: &Rig<'_>,
+    multiport: bool,
+    ports: Vec<(u32, PortStatus, PortBackend)>,
+) -> (ConsoleHandler, Arc<TestInterrupt>) {
+    let irq = Arc::new(TestInterrupt::default());
+    let mut h = ConsoleHandler {
+        mem: atomic(mem),
+        interrupt: irq.clone(),
+        multiport,
+        queues: rig.queues.iter().map(|(i, q)| (*i, q.queue())).collect(),
+        state: ControlState::new(),
+        ports: BTreeMap::new(),
+        ctrl_out: VecDeque::new(),
+        commands: None,
+    };
+    for (id, st, be) in ports {
+        h.add_port(id, st, PortIo::open(be).unwrap(), None);
+    }
+    (h, irq)
+}
+
+fn parse(msgs: &[Vec<u8>]) -> Vec<(u32, u16, u16)> {
+    msgs.iter()
+        .map(|m| {
+            let c = ControlMessage::parse(m).unwrap();
+            (c.id, c.event, c.value)
+        })
+        .collect()
+}
+
+#[test]
+fn multiport_handshake_and_data() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &[0, 1, 2, 3, 4, 5]);
+    let (b0, mut host0) = pair_backend();
+    let (b1, mut host1) = pair_backend();
+    let (mut h, irq) = handler(
+        &mem,
+        &rig,
+        true,
+        vec![
+            (
+                0,
+                PortStatus {
+                    console: true,
+                    size: Some((80, 25)),
+                    ..Default::default()
+                },
+                b0,
+            ),
+            (
+                1,
+                PortStatus {
+                    name: Some("org.vmkit.test".into()),
+                    ..Default::default()
+                },
+                b1,
+            ),
+        ],
+    );
+    for _ in 0..8 {
+        rig.post_rx(CONTROL_RX);
+    }
+    h.process_index(CONTROL_RX, None);
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::DEVICE_READY, 1));
+    h.process_index(CONTROL_TX, None);
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 0)),
+        vec![(0, event::DEVICE_ADD, 0), (1, event::DEVICE_ADD, 0)]
+    );
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::PORT_READY, 1));
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_READY, 1));
+    h.process_index(CONTROL_TX, None);
+    let got = rig.received(CONTROL_RX, 2);
+    assert_eq!(
+        parse(&got),
+        vec![
+            (0, event::CONSOLE_PORT, 1),
+            (0, event::RESIZE, 0),
+            (0, event::PORT_OPEN, 1),
+            (1, event::PORT_NAME, 1),
+            (1, event::PORT_OPEN, 1),
+        ]
+    );
+    assert_eq!(&got[1][8..], &[80, 0, 25, 0]);
+    assert_eq!(&got[3][8..], b"org.vmkit.test");
+    assert!(irq.count(VirtioInterruptType::Queue(CONTROL_RX)) >= 2);
+
+    // Guest output on both ports reaches the right backend.
+    rig.post_tx(tx_queue(1), b"hello port one");
+    h.process_index(tx_queue(1), None);
+    rig.post_tx(tx_queue(0), b"console!");
+    h.process_index(tx_queue(0), None);
+    let mut buf = [0u8; 14];
+    host1.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello port one");
+    let mut buf = [0u8; 8];
+    host0.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"console!");
+    host0.write_all(b"x").unwrap();
+
+    // Host input waits for receive buffers.
+    h.push_input(1, b"queued until buffers arrive");
+    assert_eq!(h.pending_input(1), 27);
+    rig.post_rx(rx_queue(1));
+    h.process_index(rx_queue(1), None);
+    assert_eq!(h.pending_input(1), 0);
+    assert_eq!(
+        rig.received(rx_queue(1), 0),
+        vec![b"queued until buffers arrive".to_vec()]
+    );
+    // Input larger than one buffer is split across buffers.
+    h.push_input(0, &[7u8; 300]);
+    rig.post_rx(0);
+    rig.post_rx(0);
+    h.process_index(0, None);
+    let got = rig.received(0, 0);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].len() + got[1].len(), 300);
+
+    // Guest opens port 1.
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_OPEN, 1));
+    h.process_index(CONTROL_TX, None);
+    assert!(h.control_state().port(1).unwrap().guest_open);
+    assert!(!irq.needs_reset());
+}
+
+#[test]
+fn malformed_control_messages_are_ignored() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &[0, 1, 2, 3]);
+    let (mut h, irq) = handler(
+        &mem,
+        &rig,
+        true,
+        vec![(0, PortStatus::default(), PortBackend::Null)],
+    );
+    for _ in 0..4 {
+        rig.post_rx(CONTROL_RX);
+    }
+    rig.post_tx(CONTROL_TX, &[1, 2, 3]);
+    rig.post_tx(CONTROL_TX, &ctrl(77, event::PORT_READY, 1));
+    rig.post_tx(CONTROL_TX, &ctrl(0, 0x1234, 9));
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::DEVICE_ADD, 1));
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::PORT_READY, 7));
+    // A chain with only writable buffers on the transmit queue.
+    rig.queues
+        .get_mut(&CONTROL_TX)
+        .unwrap()
+        .add(&[D(0x30_0000, 8, true)]);
+    // A chain pointing outside guest memory.
+    rig.queues
+        .get_mut(&CONTROL_TX)
+        .unwrap()
+        .add(&[D(0xdead_0000_0000, 8, false)]);
+    h.process_index(CONTROL_TX, None);
+    assert_eq!(rig.queues[&CONTROL_TX].used_idx(), 7);
+    assert_eq!(rig.queues[&CONTROL_RX].used_idx(), 0);
+    assert!(!h.control_state().device_ready());
+    // Data on a port queue of a port that does not exist is dropped.
+    let mut rig2 = Rig::new(&mem, &[0, 1, 2, 3, 6, 7]);
+    let (mut h2, _) = handler(&mem, &rig2, true, vec![]);
+    rig2.post_tx(tx_queue(2), b"nobody home");
+    h2.process_index(tx_queue(2), None);
+    assert_eq!(rig2.queues[&tx_queue(2)].used_idx(), 1);
+    assert!(!irq.needs_reset());
+}
+
+#[test]
+fn queue_roles() {
+    assert_eq!(queue_role(0), QueueRole::Rx(0));
+    assert_eq!(queue_role(1), QueueRole::Tx(0));
+    assert_eq!(queue_role(2), QueueRole::ControlRx);
+    assert_eq!(queue_role(3), QueueRole::ControlTx);
+    assert_eq!(queue_role(4), QueueRole::Rx(1));
+    assert_eq!(queue_role(5), QueueRole::Tx(1));
+    assert_eq!(queue_role(9), QueueRole::Tx(3));
+    for p in 0..10 {
+        assert_eq!(queue_role(rx_queue(p)), QueueRole::Rx(p));
+        assert_eq!(queue_role(tx_queue(p)), QueueRole::Tx(p));
+    }
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn activate(
+    console: &mut Console,
+    mem: &GuestMem,
+    rig: &Rig<'_>,
+) -> (Arc<TestInterrupt>, Vec<(u16, EventFd)>) {
+    let irq = Arc::new(TestInterrupt::default());
+    let queues = rig.active_queues();
+    let kicks = queues
+        .iter()
+        .map(|q| (q.index, q.notify.try_clone().unwrap()))
+        .collect();
+    console
+        .activate(ActivateContext {
+            mem: atomic(mem),
+            queues,
+            interrupt: irq.clone(),
+            acked_features: console.acked_features(),
+        })
+        .unwrap();
+    (irq, kicks)
+}
+
+fn kick(kicks: &[(u16, EventFd)], index: u16) {
+    kicks
+        .iter()
+        .find(|k| k.0 == index)
+        .unwrap()
+        .1
+        .write(1)
+        .unwrap();
+}
+
+#[test]
+fn single_port_threaded_reset_and_reactivate() {
+    let mem = memory();
+    let mut console = Console::new(ConsoleConfig::default()).unwrap();
+    let (b0, mut host0) = pair_backend();
+    let info = console.add_port(PortConfig::new(b0)).unwrap();
+    assert_eq!(info.id, 0);
+    for round in 0..2u8 {
+        console
+            .negotiate_features(features::VERSION_1 | feature::SIZE)
+            .unwrap();
+        let mut rig = Rig::new(&mem, &[0, 1]);
+        let (irq, kicks) = activate(&mut console, &mem, &rig);
+        // Host input, then the guest posts a buffer.
+        host0.write_all(&[b'a' + round; 5]).unwrap();
+        rig.post_rx(0);
+        kick(&kicks, 0);
+        assert!(
+            irq.wait_for(VirtioInterruptType::Queue(0), 1),
+            "round {round}"
+        );
+        assert_eq!(rig.received(0, 0), vec![vec![b'a' + round; 5]]);
+        // Guest output.
+        rig.post_tx(1, b"out");
+        kick(&kicks, 1);
+        let mut buf = [0u8; 3];
+        host0.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"out");
+        console.reset();
+    }
+}
+
+#[test]
+fn hotplug_resize_and_socket_port() {
+    let mem = memory();
+    let dir = tempfile::tempdir().unwrap();
+    let mut console = Console::new(ConsoleConfig {
+        max_ports: 4,
+        ..ConsoleConfig::default()
+    })
+    .unwrap();
+    console
+        .add_port(PortConfig {
+            console: true,
+            ..PortConfig::new(PortBackend::Null)
+        })
+        .unwrap();
+    console
+        .negotiate_features(console.device_features())
+        .unwrap();
+    let mut rig = Rig::new(&mem, &[0, 1, 2, 3, 4, 5, 6, 7]);
+    for _ in 0..16 {
+        rig.post_rx(CONTROL_RX);
+    }
+    let (irq, kicks) = activate(&mut console, &mem, &rig);
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::DEVICE_READY, 1));
+    kick(&kicks, CONTROL_TX);
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 1));
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 0)),
+        vec![(0, event::DEVICE_ADD, 0)]
+    );
+
+    // Hot-add a socket port: DEVICE_ADD to the running driver.
+    let sock = dir.path().join("port.sock");
+    let info = console
+        .add_port(PortConfig {
+            name: Some("agent".into()),
+            ..PortConfig::new(PortBackend::UnixSocket(sock.clone()))
+        })
+        .unwrap();
+    assert_eq!(info.id, 1);
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 2));
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 1)),
+        vec![(1, event::DEVICE_ADD, 0)]
+    );
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_READY, 1));
+    kick(&kicks, CONTROL_TX);
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 3));
+    // No client yet: only the name.
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 2)),
+        vec![(1, event::PORT_NAME, 1)]
+    );
+    // A client connects: PORT_OPEN 1; data flows both ways.
+    let mut client = UnixStream::connect(&sock).unwrap();
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 4));
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 3)),
+        vec![(1, event::PORT_OPEN, 1)]
+    );
+    client.write_all(b"ping").unwrap();
+    rig.post_rx(rx_queue(1));
+    kick(&kicks, rx_queue(1));
+    assert!(wait_until(|| rig.queues[&rx_queue(1)].used_idx() >= 1));
+    assert_eq!(rig.received(rx_queue(1), 0), vec![b"ping".to_vec()]);
+    rig.post_tx(tx_queue(1), b"pong");
+    kick(&kicks, tx_queue(1));
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong");
+    // The client leaves: PORT_OPEN 0.
+    drop(client);
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 5));
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 4)),
+        vec![(1, event::PORT_OPEN, 0)]
+    );
+
+    // Resize the console: RESIZE is sent once the port is ready; the config changes.
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::PORT_READY, 1));
+    kick(&kicks, CONTROL_TX);
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 8));
+    console.resize(0, 132, 43).unwrap();
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 9));
+    let last = rig.received(CONTROL_RX, 8);
+    assert_eq!(parse(&last), vec![(0, event::RESIZE, 0)]);
+    assert_eq!(&last[0][8..], &[132, 0, 43, 0]);
+    let mut cfg = [0u8; 4];
+    console.read_config(0, &mut cfg);
+    assert_eq!(cfg, [132, 0, 43, 0]);
+    assert!(irq.count(VirtioInterruptType::Config) >= 1);
+
+    // Hot-remove.
+    console.remove_port(1).unwrap();
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 10));
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 9)),
+        vec![(1, event::DEVICE_REMOVE, 0)]
+    );
+    assert!(console.remove_port(1).is_err());
+    assert!(!sock.exists(), "socket file removed with the port");
+
+    // Save while paused, restore into a fresh device with the same ports.
+    console.pause().unwrap();
+    let saved = console.save_state().unwrap();
+    console.resume().unwrap();
+    let mut other = Console::new(ConsoleConfig {
+        max_ports: 4,
+        ..ConsoleConfig::default()
+    })
+    .unwrap();
+    assert!(other.restore_state(&saved).is_err(), "port list differs");
+    other.add_port(PortConfig::new(PortBackend::Null)).unwrap();
+    other.restore_state(&saved).unwrap();
+    assert!(other.idle_state.device_ready());
+    assert!(other.idle_state.port(0).unwrap().guest_ready);
+    console.reset();
+    assert!(!irq.needs_reset());
+}
+
+#[test]
+fn file_and_pty_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.log");
+    let inp = dir.path().join("in.txt");
+    std::fs::write(&inp, b"from a file").unwrap();
+    let mem = memory();
+    let mut console = Console::new(ConsoleConfig::default()).unwrap();
+    console
+        .add_port(PortConfig::new(PortBackend::File {
+            output: out.clone(),
+            input: Some(inp),
+        }))
+        .unwrap();
+    let pty = console.add_port(PortConfig::new(PortBackend::Pty)).unwrap();
+    let pty_path = pty.pty_path.clone().unwrap();
+    assert!(pty_path.exists(), "{}", pty_path.display());
+    console
+        .negotiate_features(console.device_features())
+        .unwrap();
+    let mut rig = Rig::new(&mem, &[0, 1, 2, 3, 4, 5]);
+    rig.post_rx(0);
+    let (irq, kicks) = activate(&mut console, &mem, &rig);
+    // File input is delivered as soon as there is a buffer.
+    assert!(irq.wait_for(VirtioInterruptType::Queue(0), 1));
+    assert_eq!(rig.received(0, 0), vec![b"from a file".to_vec()]);
+    rig.post_tx(1, b"to a file");
+    kick(&kicks, 1);
+    assert!(wait_until(|| std::fs::read(&out).unwrap() == b"to a file"));
+    // The PTY: guest output is readable on the slave, slave input reaches the guest.
+    let mut slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pty_path)
+        .unwrap();
+    rig.post_tx(tx_queue(1), b"tty out");
+    kick(&kicks, tx_queue(1));
+    let mut buf = [0u8; 7];
+    slave.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"tty out");
+    slave.write_all(b"tty in").unwrap();
+    rig.post_rx(rx_queue(1));
+    kick(&kicks, rx_queue(1));
+    assert!(wait_until(|| rig.queues[&rx_queue(1)].used_idx() >= 1));
+    assert_eq!(rig.received(rx_queue(1), 0), vec![b"tty in".to_vec()]);
+    console.reset();
+}
+
+#[test]
+fn construction_and_port_errors() {
+    assert!(Console::new(ConsoleConfig {
+        max_ports: 0,
+        ..ConsoleConfig::default()
+    })
+    .is_err());
+    assert!(Console::new(ConsoleConfig {
+        queue_size: 3,
+        ..ConsoleConfig::default()
+    })
+    .is_err());
+    let mut c = Console::new(ConsoleConfig {
+        max_ports: 1,
+        ..ConsoleConfig::default()
+    })
+    .unwrap();
+    let err = c
+        .add_port(PortConfig::new(PortBackend::File {
+            output: "/nonexistent-dir/x.log".into(),
+            input: None,
+        }))
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent-dir/x.log"), "{err}");
+    c.add_port(PortConfig::new(PortBackend::Null)).unwrap();
+    assert!(matches!(
+        c.add_port(PortConfig::new(PortBackend::Null)),
+        Err(ConsoleError::NoFreePort(1))
+    ));
+    assert!(c.resize(3, 1, 1).is_err());
+    assert_eq!(c.queue_max_sizes().len(), 4);
+    let mut cfg = [0u8; 12];
+    c.read_config(0, &mut cfg);
+    assert_eq!(cfg, [80, 0, 25, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    // Activation without the required queues fails.
+    let mem = memory();
+    c.negotiate_features(c.device_features()).unwrap();
+    let rig = Rig::new(&mem, &[0, 1]);
+    let r = c.activate(ActivateContext {
+        mem: atomic(&mem),
+        queues: rig.active_queues(),
+        interrupt: Arc::new(TestInterrupt::default()),
+        acked_features: c.acked_features(),
+    });
+    assert!(r.is_err(), "MULTIPORT needs the control queues");
+}
+
+fn conformance_device() -> Box<dyn VirtioDevice> {
+    let mut c = Console::new(ConsoleConfig {
+        max_ports: 2,
+        ..ConsoleConfig::default()
+    })
+    .unwrap();
+    c.add_port(PortConfig {
+        console: true,
+        ..PortConfig::new(PortBackend::Null)
+    })
+    .unwrap();
+    c.add_port(PortConfig::new(PortBackend::Null)).unwrap();
+    Box::new(c)
+}
+
+crate::virtio_conformance_tests!(
+    conformance,
+    conformance_device(),
+    vec![
+        crate::conformance::Probe::readable(1, &[b"console output"]),
+        crate::conformance::Probe::readable(tx_queue(1), &[b"port one"]),
+        crate::conformance::Probe::readable(CONTROL_TX, &[&[0, 0, 0, 0, 0, 0, 1, 0]]),
+    ]
+);

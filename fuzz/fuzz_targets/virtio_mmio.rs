@@ -1,0 +1,371 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! The virtio-mmio transport of vmkit-virtio under arbitrary register accesses (any offset,
+//! any size, any value), arbitrary guest memory contents (rings included), device-side
+//! queue processing and interrupts, and save/restore. Nothing may panic; a saved state
+//! restores and saves again to an equal state.
+#![no_main]
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use serde::{Deserialize, Serialize};
+use virtio_queue::QueueT;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmkit_device::testing::{CountingLine, RecordingIoEvents};
+use vmkit_device::{BusDevice, InterruptLine, IoEventSpace, TriggerMode};
+use vmkit_migration::{
+    decode, decode_section, encode, encode_section, Pausable, Section, VersionedState,
+};
+use vmkit_virtio::transport::{mmio_regs as r, VirtioMmio, VirtioMmioState};
+use vmkit_virtio::{
+    device_type, features, ActivateContext, ActiveQueue, VirtioDevice, VirtioError,
+    VirtioInterrupt, VirtioInterruptType, VirtioMemory,
+};
+
+const MEM_SIZE: usize = 64 << 10;
+const BASE: u64 = 0xd000_0000;
+
+/// Registers worth hitting with full 32-bit writes.
+const REGS: [u64; 22] = [
+    r::DEVICE_FEATURES_SEL,
+    r::DRIVER_FEATURES,
+    r::DRIVER_FEATURES_SEL,
+    r::QUEUE_SEL,
+    r::QUEUE_NUM,
+    r::QUEUE_READY,
+    r::QUEUE_NOTIFY,
+    r::INTERRUPT_ACK,
+    r::STATUS,
+    r::QUEUE_DESC_LOW,
+    r::QUEUE_DESC_HIGH,
+    r::QUEUE_DRIVER_LOW,
+    r::QUEUE_DRIVER_HIGH,
+    r::QUEUE_DEVICE_LOW,
+    r::QUEUE_DEVICE_HIGH,
+    r::SHM_SEL,
+    r::QUEUE_RESET,
+    r::CONFIG_GENERATION,
+    r::MAGIC_VALUE,
+    r::CONFIG,
+    r::CONFIG + 4,
+    r::INTERRUPT_STATUS,
+];
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    /// A read of up to 8 bytes anywhere in (or beyond) the window.
+    Read { offset: u16, size: u8 },
+    /// A write of up to 8 bytes anywhere.
+    Write { offset: u16, data: Vec<u8> },
+    /// A 32-bit write of `value` to a known register.
+    Reg { reg: u8, value: u32 },
+    /// A register write that is likely to be accepted: a small guest address or size.
+    SmallReg { reg: u8, value: u16 },
+    /// Guest memory contents (rings, descriptors, buffers).
+    Mem { addr: u16, data: Vec<u8> },
+    /// A driver's standard bring-up (all offered features, both queues in guest memory,
+    /// DRIVER_OK), so that activated states are reached quickly.
+    BringUp { event_idx: bool },
+    /// Posts descriptor `head` in queue `queue`'s available ring and notifies.
+    Kick { queue: bool, head: u16 },
+    /// The device processes its queues.
+    Process,
+    /// The device raises an interrupt.
+    Interrupt { config: bool, queue: u16 },
+    /// The device asks for a reset.
+    NeedsReset,
+    /// Pause, save, encode, decode, restore around a fresh device, compare.
+    SaveRestore,
+    /// Restore from arbitrary bytes: errors are fine.
+    RestoreBytes(Vec<u8>),
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    level: bool,
+    ioevents: bool,
+    ops: Vec<Op>,
+}
+
+struct Active {
+    mem: VirtioMemory,
+    queues: Vec<ActiveQueue>,
+    irq: Arc<dyn VirtioInterrupt>,
+}
+
+type Slot = Arc<Mutex<Option<Active>>>;
+
+#[derive(Serialize, Deserialize)]
+struct FuzzDevState {
+    acked: u64,
+    config: [u8; 16],
+}
+
+impl VersionedState for FuzzDevState {
+    const NAME: &'static str = "fuzz/virtio-dev";
+    const VERSION: u16 = 1;
+}
+
+/// Two queues, 16 bytes of configuration, queues processed on request.
+struct FuzzDev {
+    slot: Slot,
+    acked: u64,
+    config: [u8; 16],
+}
+
+impl VirtioDevice for FuzzDev {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![16, 4]
+    }
+
+    fn device_features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+    }
+
+    fn negotiate_features(&mut self, f: u64) -> Result<(), VirtioError> {
+        self.acked = f;
+        Ok(())
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        for (i, b) in data.iter().enumerate() {
+            if let Some(c) = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get_mut(o))
+            {
+                *c = *b;
+            }
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
+        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Active {
+            mem: ctx.mem,
+            queues: ctx.queues,
+            irq: ctx.interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.acked = 0;
+    }
+
+    fn save_state(&self) -> Result<Section, VirtioError> {
+        encode_section(&FuzzDevState {
+            acked: self.acked,
+            config: self.config,
+        })
+        .map_err(|e| VirtioError::State(e.to_string()))
+    }
+
+    fn restore_state(&mut self, state: &Section) -> Result<(), VirtioError> {
+        let s: FuzzDevState =
+            decode_section(state).map_err(|e| VirtioError::State(e.to_string()))?;
+        self.acked = s.acked;
+        self.config = s.config;
+        Ok(())
+    }
+}
+
+fn process(slot: &Slot) {
+    let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(active) = guard.as_mut() else {
+        return;
+    };
+    let mem = active.mem.memory();
+    for aq in &mut active.queues {
+        for _ in 0..64 {
+            let Some(chain) = aq.queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut written = 0u32;
+            for d in chain {
+                if d.is_write_only() {
+                    let len = d.len().min(256) as usize;
+                    if mem.write_slice(&vec![0x5a; len], d.addr()).is_ok() {
+                        written += len as u32;
+                    }
+                }
+            }
+            if aq.queue.add_used(&*mem, head, written).is_err() {
+                break;
+            }
+        }
+        if aq.queue.needs_notification(&*mem).unwrap_or(true) {
+            let _ = active.irq.trigger(VirtioInterruptType::Queue(aq.index));
+        }
+    }
+}
+
+fuzz_target!(|input: Input| {
+    let Ok(m) = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else {
+        return;
+    };
+    let mem = GuestMemoryAtomic::new(m);
+    let mode = if input.level {
+        TriggerMode::Level
+    } else {
+        TriggerMode::Edge
+    };
+    let line = Arc::new(CountingLine::new(mode));
+    let io = Arc::new(RecordingIoEvents::default());
+    let ioevents = || input.ioevents.then(|| io.clone() as Arc<dyn IoEventSpace>);
+    let new_dev = |slot: &Slot| {
+        Box::new(FuzzDev {
+            slot: slot.clone(),
+            acked: 0,
+            config: *b"fuzz-config-0123",
+        })
+    };
+    let mut slot: Slot = Arc::new(Mutex::new(None));
+    let Ok(t) = VirtioMmio::new(
+        new_dev(&slot),
+        mem.clone(),
+        line.clone() as Arc<dyn InterruptLine>,
+        BASE,
+        ioevents(),
+    ) else {
+        return;
+    };
+    let mut t = Arc::new(t);
+    for op in input.ops.into_iter().take(2048) {
+        match op {
+            Op::Read { offset, size } => {
+                let mut buf = vec![0u8; usize::from(size % 9)];
+                t.read(BASE, u64::from(offset), &mut buf);
+            }
+            Op::Write { offset, data } => {
+                let data = data.get(..data.len().min(8)).unwrap_or_default();
+                t.write(BASE, u64::from(offset), data);
+            }
+            Op::Reg { reg, value } => {
+                let off = REGS[usize::from(reg) % REGS.len()];
+                t.write(BASE, off, &value.to_le_bytes());
+            }
+            Op::SmallReg { reg, value } => {
+                let off = REGS[usize::from(reg) % REGS.len()];
+                t.write(BASE, off, &u32::from(value).to_le_bytes());
+            }
+            Op::Mem { addr, data } => {
+                let _ = mem
+                    .memory()
+                    .write_slice(&data, GuestAddress(u64::from(addr)));
+            }
+            Op::BringUp { event_idx } => {
+                let w = |off: u64, v: u32| t.write(BASE, off, &v.to_le_bytes());
+                w(r::STATUS, 1);
+                w(r::STATUS, 3);
+                w(r::DRIVER_FEATURES_SEL, 0);
+                let lo = features::RING_INDIRECT_DESC
+                    | if event_idx {
+                        features::RING_EVENT_IDX
+                    } else {
+                        0
+                    };
+                w(r::DRIVER_FEATURES, lo as u32);
+                w(r::DRIVER_FEATURES_SEL, 1);
+                w(r::DRIVER_FEATURES, (features::VERSION_1 >> 32) as u32);
+                w(r::STATUS, 0xb);
+                for (q, size) in [(0u32, 16u32), (1, 4)] {
+                    let base = 0x1000 + u64::from(q) * 0x3000;
+                    w(r::QUEUE_SEL, q);
+                    w(r::QUEUE_NUM, size);
+                    w(r::QUEUE_DESC_LOW, base as u32);
+                    w(r::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+                    w(r::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+                    w(r::QUEUE_READY, 1);
+                }
+                w(r::STATUS, 0xf);
+            }
+            Op::Kick { queue, head } => {
+                let (q, size) = if queue { (1u64, 4u16) } else { (0, 16) };
+                let avail = 0x1000 + q * 0x3000 + 0x1000;
+                let m = mem.memory();
+                if let Ok(idx) = m.read_obj::<u16>(GuestAddress(avail + 2)) {
+                    let slot_addr = avail + 4 + 2 * u64::from(idx % size);
+                    let _ = m.write_obj(head, GuestAddress(slot_addr));
+                    let _ = m.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2));
+                }
+                drop(m);
+                t.write(BASE, r::QUEUE_NOTIFY, &(q as u32).to_le_bytes());
+            }
+            Op::Process => process(&slot),
+            Op::Interrupt { config, queue } => {
+                let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(a) = guard.as_ref() {
+                    let kind = if config {
+                        VirtioInterruptType::Config
+                    } else {
+                        VirtioInterruptType::Queue(queue)
+                    };
+                    let _ = a.irq.trigger(kind);
+                }
+            }
+            Op::NeedsReset => {
+                let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(a) = guard.as_ref() {
+                    a.irq.set_needs_reset();
+                }
+            }
+            Op::SaveRestore => {
+                t.pause().expect("pause");
+                let state = t.save_state().expect("save");
+                let bytes = encode(&state).expect("encode");
+                let back: VirtioMmioState = decode(&bytes).expect("decode what was encoded");
+                assert_eq!(back, state);
+                let new_slot: Slot = Arc::new(Mutex::new(None));
+                // The old transport unregisters its ioeventfds and resets its device when
+                // dropped; only then may the new one register the same addresses.
+                drop(t);
+                let restored = VirtioMmio::restore(
+                    new_dev(&new_slot),
+                    mem.clone(),
+                    line.clone() as Arc<dyn InterruptLine>,
+                    ioevents(),
+                    &back,
+                )
+                .expect("a saved state restores");
+                restored.pause().expect("pause");
+                assert_eq!(restored.save_state().expect("save"), state);
+                restored.resume().expect("resume");
+                slot = new_slot;
+                t = Arc::new(restored);
+            }
+            Op::RestoreBytes(bytes) => {
+                if let Ok(state) = decode::<VirtioMmioState>(&bytes) {
+                    let new_slot: Slot = Arc::new(Mutex::new(None));
+                    // Another transport at the same base would collide on ioeventfds.
+                    let r = VirtioMmio::restore(
+                        new_dev(&new_slot),
+                        mem.clone(),
+                        line.clone() as Arc<dyn InterruptLine>,
+                        None,
+                        &state,
+                    );
+                    drop(r);
+                }
+            }
+        }
+    }
+});
