@@ -10,6 +10,7 @@
 //! [`EXIT_VMM_ERROR`] when the VMM could not build the machine (the message says why).
 
 mod args;
+mod virtio;
 
 use std::io::Cursor;
 use std::process::ExitCode;
@@ -166,6 +167,14 @@ fn run(args: &Args, start: Instant) -> Result<u8> {
     }));
     pio.insert(pm.range(), pm).context(|| "ACPI PM".into())?;
 
+    // 5b. virtio devices (disks, console ports, entropy) on PCI or virtio-mmio; queue
+    //     notifications go through KVM ioeventfds straight to the device workers.
+    let ioevents = Arc::new(vmkit::irq::KvmIoEvents::new(vm.clone()));
+    let virtio = virtio::attach(args, mem, &irqchip, ioevents, &pio, &mmio)?;
+    for line in &virtio.summary {
+        eprintln!("vmm: {line}");
+    }
+
     // 6. Boot: kernel (or the embedded test guest), initramfs, MP table, ACPI, boot data.
     let gap = MmioGap::below_4g(memory::MMIO_GAP_START);
     let mut kernel_opts = KernelOptions::new(gap);
@@ -195,9 +204,20 @@ fn run(args: &Args, start: Instant) -> Result<u8> {
         None => None,
     };
     boot::mptable::write_mptable(mem, &apic_ids, IOAPIC_ID).context(|| "MP table".into())?;
-    let acpi = boot::acpi::write_acpi_tables(mem, &AcpiConfig::new(apic_ids.clone(), IOAPIC_ID))
-        .context(|| "ACPI tables".into())?;
-    let mut boot_config = boot::BootConfig::new(cmdline(args), gap);
+    let mut acpi_config = AcpiConfig::new(apic_ids.clone(), IOAPIC_ID);
+    acpi_config
+        .devices
+        .extend(virtio.acpi_devices.iter().cloned());
+    let acpi = boot::acpi::write_acpi_tables(mem, &acpi_config).context(|| "ACPI tables".into())?;
+    let mut cmdline = cmdline(args);
+    for extra in &virtio.cmdline {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(extra);
+    }
+    let mut boot_config = boot::BootConfig::new(cmdline, gap);
+    boot_config.extra_e820 = virtio.e820.clone();
     boot_config.initramfs = initramfs;
     boot_config.rsdp_addr = Some(acpi.rsdp_addr);
     let boot_info = boot::configure_boot(mem, &kernel, &boot_config).map_err(|e| e.to_string())?;
