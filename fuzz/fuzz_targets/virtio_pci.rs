@@ -10,24 +10,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use serde::{Deserialize, Serialize};
-use virtio_queue::QueueT;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmkit_device::testing::{RecordingIoEvents, RecordingMsi};
 use vmkit_device::{IoEventSpace, MsiVectors};
-use vmkit_migration::{
-    decode, decode_section, encode, encode_section, Pausable, Section, VersionedState,
-};
+use vmkit_migration::{decode, encode, Pausable};
 use vmkit_pci::PciDevice;
 use vmkit_virtio::transport::{
     common_cfg as cc, VirtioPci, VirtioPciState, COMMON_CFG_OFFSET, MSIX_TABLE_OFFSET,
     NOTIFY_OFFSET,
 };
-use vmkit_virtio::{
-    device_type, features, ActivateContext, ActiveQueue, VirtioDevice, VirtioError,
-    VirtioInterrupt, VirtioInterruptType, VirtioMemory,
-};
+use vmkit_virtio::{features, VirtioInterruptType};
 
 const MEM_SIZE: usize = 64 << 10;
 const BAR_ADDR: u64 = 0xe000_0000;
@@ -88,134 +81,9 @@ const FIELDS: [(u64, usize); 15] = [
     (cc::NUM_QUEUES, 2),
 ];
 
-struct Active {
-    mem: VirtioMemory,
-    queues: Vec<ActiveQueue>,
-    irq: Arc<dyn VirtioInterrupt>,
-}
-
-type Slot = Arc<Mutex<Option<Active>>>;
-
-#[derive(Serialize, Deserialize)]
-struct FuzzDevState {
-    acked: u64,
-    config: [u8; 16],
-}
-
-impl VersionedState for FuzzDevState {
-    const NAME: &'static str = "fuzz/virtio-dev";
-    const VERSION: u16 = 1;
-}
-
-/// Two queues, 16 bytes of configuration, queues processed on request.
-struct FuzzDev {
-    slot: Slot,
-    acked: u64,
-    config: [u8; 16],
-}
-
-impl VirtioDevice for FuzzDev {
-    fn device_type(&self) -> u32 {
-        device_type::RNG
-    }
-
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![16, 4]
-    }
-
-    fn device_features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
-    }
-
-    fn negotiate_features(&mut self, f: u64) -> Result<(), VirtioError> {
-        self.acked = f;
-        Ok(())
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        for (i, b) in data.iter().enumerate() {
-            if let Some(c) = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get_mut(o))
-            {
-                *c = *b;
-            }
-        }
-    }
-
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Active {
-            mem: ctx.mem,
-            queues: ctx.queues,
-            irq: ctx.interrupt,
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        self.acked = 0;
-    }
-
-    fn save_state(&self) -> Result<Section, VirtioError> {
-        encode_section(&FuzzDevState {
-            acked: self.acked,
-            config: self.config,
-        })
-        .map_err(|e| VirtioError::State(e.to_string()))
-    }
-
-    fn restore_state(&mut self, state: &Section) -> Result<(), VirtioError> {
-        let s: FuzzDevState =
-            decode_section(state).map_err(|e| VirtioError::State(e.to_string()))?;
-        self.acked = s.acked;
-        self.config = s.config;
-        Ok(())
-    }
-}
-
-fn process(slot: &Slot) {
-    let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
-    let Some(active) = guard.as_mut() else {
-        return;
-    };
-    let mem = active.mem.memory();
-    for aq in &mut active.queues {
-        for _ in 0..64 {
-            let Some(chain) = aq.queue.pop_descriptor_chain(&*mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut written = 0u32;
-            for d in chain {
-                if d.is_write_only() {
-                    let len = d.len().min(256) as usize;
-                    if mem.write_slice(&vec![0x5a; len], d.addr()).is_ok() {
-                        written += len as u32;
-                    }
-                }
-            }
-            if aq.queue.add_used(&*mem, head, written).is_err() {
-                break;
-            }
-        }
-        if aq.queue.needs_notification(&*mem).unwrap_or(true) {
-            let _ = active.irq.trigger(VirtioInterruptType::Queue(aq.index));
-        }
-    }
-}
+#[path = "common/virtio_dev.rs"]
+mod virtio_dev;
+use virtio_dev::{process, FuzzDev, Slot};
 
 /// A configuration write, with BAR moves applied as the root complex would.
 fn cfg_write(t: &VirtioPci, offset: u16, data: &[u8]) {
