@@ -39,7 +39,7 @@ use vmkit_migration::{decode_section, encode_section, Section, VersionedState};
 
 use self::request::{RequestLimits, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
 use super::worker::{EventControl, EventHandler, Parked, WorkerSet};
-use super::{drain_queue, GuestMem};
+use super::{drain_queue_batched, GuestMem};
 use crate::{
     device_type, features, ActivateContext, VirtioDevice, VirtioError, VirtioInterrupt,
     VirtioMemory,
@@ -203,13 +203,28 @@ impl VersionedState for BlockState {
     const VERSION: u16 = 1;
 }
 
+/// Requests of one queue that run at the same time by default (see
+/// [`BlockQueueHandler::with_parallel_requests`]).
+pub const DEFAULT_PARALLEL_REQUESTS: usize = 8;
+
+/// Most chains taken from a queue in one batch.
+const MAX_BATCH: usize = 64;
+
 /// The queue handler of one queue group: serves its queues without threads of its own.
+///
+/// Every chain available on a queue is taken at once; consecutive reads and writes among
+/// them run concurrently (the backends' I/O is synchronous, so this is what keeps several
+/// requests in flight at the host), other requests run alone and in order. Completion order
+/// is free for virtio-blk: a driver waits for the writes a flush must cover before it sends
+/// the flush.
 pub struct BlockQueueHandler {
     mem: VirtioMemory,
     queues: Vec<(u16, Queue)>,
     backend: Arc<dyn BlockBackend>,
     interrupt: Arc<dyn VirtioInterrupt>,
     limits: RequestLimits,
+    parallel: usize,
+    pool: Option<IoPool>,
 }
 
 impl BlockQueueHandler {
@@ -227,7 +242,15 @@ impl BlockQueueHandler {
             backend,
             interrupt,
             limits,
+            parallel: DEFAULT_PARALLEL_REQUESTS,
+            pool: None,
         }
+    }
+
+    /// Runs at most `n` requests of a queue at the same time (1: one after the other).
+    pub fn with_parallel_requests(mut self, n: usize) -> Self {
+        self.parallel = n.max(1);
+        self
     }
 
     /// Serves every available request of the queue in `slot`; returns how many completed.
@@ -237,16 +260,173 @@ impl BlockQueueHandler {
         };
         let guard = self.mem.memory();
         let mem: &GuestMem = &guard;
-        let backend = self.backend.as_ref();
         let limits = &self.limits;
-        drain_queue(queue, *index, mem, self.interrupt.as_ref(), |chain| {
-            request::process_chain(chain, mem, backend, limits)
-        })
+        let mut io = BatchIo {
+            vmem: &self.mem,
+            backend: &self.backend,
+            parallel: self.parallel,
+            pool: &mut self.pool,
+        };
+        drain_queue_batched(
+            queue,
+            *index,
+            mem,
+            self.interrupt.as_ref(),
+            MAX_BATCH,
+            |chains| io.execute_batch(chains, mem, limits),
+        )
     }
 
     /// The request limits in force.
     pub fn limits(&self) -> &RequestLimits {
         &self.limits
+    }
+}
+
+type Parsed = Result<request::Request, request::ParseFailure>;
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Persistent I/O threads of one queue handler: runs of reads and writes are handed to them
+/// so that several requests reach the host at once (the backends' I/O is synchronous).
+/// Created on first use; dropping it stops and joins the threads.
+struct IoPool {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl IoPool {
+    fn new(threads: usize) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let mut pool = IoPool {
+            jobs: Some(tx),
+            threads: Vec::with_capacity(threads),
+        };
+        for n in 0..threads {
+            let rx = rx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("virtio-blk-io{n}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })?;
+            pool.threads.push(handle);
+        }
+        Ok(pool)
+    }
+}
+
+impl Drop for IoPool {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What executing a batch needs from its handler.
+struct BatchIo<'a> {
+    vmem: &'a VirtioMemory,
+    backend: &'a Arc<dyn BlockBackend>,
+    parallel: usize,
+    pool: &'a mut Option<IoPool>,
+}
+
+impl BatchIo<'_> {
+    /// Parses `chains` and executes them: runs of reads and writes on the I/O threads,
+    /// anything else alone, in order. Returns the used length of each chain, in order.
+    fn execute_batch(
+        &mut self,
+        chains: Vec<virtio_queue::DescriptorChain<&GuestMem>>,
+        mem: &GuestMem,
+        limits: &RequestLimits,
+    ) -> Vec<u32> {
+        let parsed: Vec<Parsed> = chains
+            .into_iter()
+            .map(|chain| request::parse(chain, mem, limits))
+            .collect();
+        let mut lens = vec![0u32; parsed.len()];
+        let mut run: Vec<(usize, Parsed)> = Vec::new();
+        for (i, p) in parsed.into_iter().enumerate() {
+            let data = matches!(
+                &p,
+                Ok(r) if matches!(r.kind, request::RequestKind::In | request::RequestKind::Out)
+            );
+            if data {
+                run.push((i, p));
+                continue;
+            }
+            self.execute_run(std::mem::take(&mut run), &mut lens, mem, limits);
+            lens[i] = request::finish(p, mem, self.backend.as_ref(), limits);
+        }
+        self.execute_run(run, &mut lens, mem, limits);
+        lens
+    }
+
+    /// Executes a run of reads and writes: inline when it is one request (or parallelism is
+    /// off), else on the I/O threads, waiting for all of them.
+    fn execute_run(
+        &mut self,
+        run: Vec<(usize, Parsed)>,
+        lens: &mut [u32],
+        mem: &GuestMem,
+        limits: &RequestLimits,
+    ) {
+        if run.len() > 1 && self.parallel > 1 && self.pool.is_none() {
+            match IoPool::new(self.parallel) {
+                Ok(pool) => *self.pool = Some(pool),
+                Err(e) => {
+                    log::warn!("virtio-blk: no I/O threads ({e}); requests run one by one");
+                    self.parallel = 1;
+                }
+            }
+        }
+        let sender = match self.pool.as_ref().and_then(|p| p.jobs.clone()) {
+            Some(tx) if run.len() > 1 => tx,
+            _ => {
+                for (i, p) in run {
+                    lens[i] = request::finish(p, mem, self.backend.as_ref(), limits);
+                }
+                return;
+            }
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, u32)>();
+        let mut queued = 0usize;
+        for (i, p) in run {
+            let (vmem, backend, limits, done) = (
+                self.vmem.clone(),
+                self.backend.clone(),
+                limits.clone(),
+                done_tx.clone(),
+            );
+            let job: Job = Box::new(move || {
+                let guard = vmem.memory();
+                // A panicking request completes with length 0 (no status byte written),
+                // like a chain the device could not parse, and the thread lives on.
+                let len = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    request::finish(p, &guard, backend.as_ref(), &limits)
+                }))
+                .unwrap_or(0);
+                let _ = done.send((i, len));
+            });
+            if sender.send(job).is_ok() {
+                queued += 1;
+            }
+        }
+        drop(done_tx);
+        for _ in 0..queued {
+            match done_rx.recv() {
+                Ok((i, len)) => lens[i] = len,
+                Err(_) => break,
+            }
+        }
     }
 }
 

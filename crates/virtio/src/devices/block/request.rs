@@ -544,7 +544,19 @@ pub fn process_chain<I>(
 where
     I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
 {
-    let (status_addr, status, written) = match parse(descs, mem, limits) {
+    finish(parse(descs, mem, limits), mem, backend, limits)
+}
+
+/// Executes a parsed request (or reports its parse failure) and writes the status byte;
+/// returns the used length, as [`process_chain`] does. Lets a device parse chains on one
+/// thread and execute them on others.
+pub fn finish(
+    parsed: Result<Request, ParseFailure>,
+    mem: &GuestMem,
+    backend: &dyn BlockBackend,
+    limits: &RequestLimits,
+) -> u32 {
+    let (status_addr, status, written) = match parsed {
         Ok(req) => match execute(&req, mem, backend, limits) {
             Ok(n) => (Some(req.status_addr), status::OK, n),
             Err(e) => {

@@ -807,3 +807,72 @@ fn conformance_probes() -> Vec<crate::conformance::Probe> {
 }
 
 crate::virtio_conformance_tests!(conformance, conformance_device(), conformance_probes());
+
+/// Sixteen writes, a flush, then sixteen reads, all available at once: the data requests run
+/// on several threads, the flush alone between them, and every chain completes with its own
+/// status byte and length.
+#[test]
+fn a_batch_of_requests_runs_in_parallel_with_the_flush_in_order() {
+    let f = fixture(BlockConfig::default());
+    let mem = memory();
+    let mut tq = TestQueue::new(&mem, 0, 128);
+    let (h, irq) = handler(&f, &mem, &tq);
+    let mut h = h.with_parallel_requests(4);
+    // Per request k: header at HDR + 32k, status byte at STATUS + k, one 512-byte sector of
+    // data at DATA + 0x1000k, written to / read from sector 10 + k.
+    let hdr = |k: u64, type_: u32, sector: u64| {
+        mem.write_obj(type_, GuestAddress(HDR + 32 * k)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 32 * k + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 32 * k + 8))
+            .unwrap();
+    };
+    for k in 0..16u64 {
+        hdr(k, req_type::OUT, 10 + k);
+        mem.write_slice(&[k as u8 + 1; 512], GuestAddress(DATA + 0x1000 * k))
+            .unwrap();
+        tq.add(&[
+            D(HDR + 32 * k, 16, false),
+            D(DATA + 0x1000 * k, 512, false),
+            D(STATUS + k, 1, true),
+        ]);
+    }
+    hdr(16, req_type::FLUSH, 0);
+    tq.add(&[D(HDR + 32 * 16, 16, false), D(STATUS + 16, 1, true)]);
+    for k in 17..33u64 {
+        hdr(k, req_type::IN, 10 + (k - 17));
+        tq.add(&[
+            D(HDR + 32 * k, 16, false),
+            D(DATA + 0x1000 * k, 512, true),
+            D(STATUS + k, 1, true),
+        ]);
+    }
+    mem.write_slice(&[0xee; 33], GuestAddress(STATUS)).unwrap();
+    assert_eq!(h.process_queue(0), 33);
+    assert_eq!(
+        irq.count(VirtioInterruptType::Queue(0)),
+        1,
+        "one interrupt per batch"
+    );
+    for k in 0..33u64 {
+        let st: u8 = mem.read_obj(GuestAddress(STATUS + k)).unwrap();
+        assert_eq!(st, status::OK, "request {k}");
+    }
+    for k in 17..33u64 {
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(DATA + 0x1000 * k))
+            .unwrap();
+        assert_eq!(back, [(k - 17) as u8 + 1; 512], "read {k}");
+    }
+    let mut lens: Vec<u32> = (0..33).map(|i| tq.used(i).1).collect();
+    lens.sort_unstable();
+    assert_eq!(
+        &lens[..17],
+        &[1; 17],
+        "writes and the flush return the status byte"
+    );
+    assert_eq!(&lens[17..], &[513; 16], "reads return data + status");
+    let file = std::fs::read(&f.path).unwrap();
+    for k in 0..16usize {
+        assert_eq!(file[(10 + k) * 512], k as u8 + 1);
+    }
+}
