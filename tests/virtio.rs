@@ -171,7 +171,14 @@ kvm_test!(kvm_virtio_pci_1_vcpu, {
     assert_eq!(bdfs, ["00:00.0", "00:01.0", "00:02.0", "00:03.0"]);
 });
 
+/// The 64-vCPU machines run one at a time: the guest's MSI-X rotation waits for each CPU's
+/// interrupt, and two such machines on a small host slow each other down for nothing.
+static LARGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 kvm_test!(kvm_virtio_pci_64_vcpus_multiqueue, {
+    let _one_at_a_time = LARGE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (report, _dir) = boot("pci", 64, 4);
     let msix = report.devices.msix.as_ref().expect("VMKIT-MSIX");
     assert_eq!(msix.rotation_hit, msix.rotation_cpus, "{msix:?}");
@@ -182,6 +189,9 @@ kvm_test!(kvm_virtio_mmio_1_vcpu, {
 });
 
 kvm_test!(kvm_virtio_mmio_64_vcpus, {
+    let _one_at_a_time = LARGE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     boot("mmio", 64, 2);
 });
 
