@@ -264,7 +264,7 @@ impl BlockQueueHandler {
         let mut io = BatchIo {
             vmem: &self.mem,
             backend: &self.backend,
-            parallel: self.parallel,
+            parallel: &mut self.parallel,
             pool: &mut self.pool,
         };
         drain_queue_batched(
@@ -335,7 +335,7 @@ impl Drop for IoPool {
 struct BatchIo<'a> {
     vmem: &'a VirtioMemory,
     backend: &'a Arc<dyn BlockBackend>,
-    parallel: usize,
+    parallel: &'a mut usize,
     pool: &'a mut Option<IoPool>,
 }
 
@@ -379,12 +379,12 @@ impl BatchIo<'_> {
         mem: &GuestMem,
         limits: &RequestLimits,
     ) {
-        if run.len() > 1 && self.parallel > 1 && self.pool.is_none() {
-            match IoPool::new(self.parallel) {
+        if run.len() > 1 && *self.parallel > 1 && self.pool.is_none() {
+            match IoPool::new(*self.parallel) {
                 Ok(pool) => *self.pool = Some(pool),
                 Err(e) => {
                     log::warn!("virtio-blk: no I/O threads ({e}); requests run one by one");
-                    self.parallel = 1;
+                    *self.parallel = 1;
                 }
             }
         }
@@ -398,8 +398,9 @@ impl BatchIo<'_> {
             }
         };
         let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, u32)>();
-        let mut queued = 0usize;
+        let mut pending: Vec<(usize, Option<vm_memory::GuestAddress>)> = Vec::new();
         for (i, p) in run {
+            let status_addr = p.as_ref().ok().map(|r| r.status_addr);
             let (vmem, backend, limits, done) = (
                 self.vmem.clone(),
                 self.backend.clone(),
@@ -408,23 +409,38 @@ impl BatchIo<'_> {
             );
             let job: Job = Box::new(move || {
                 let guard = vmem.memory();
-                // A panicking request completes with length 0 (no status byte written),
-                // like a chain the device could not parse, and the thread lives on.
-                let len = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // A panicking request is reported by the waiting worker; the thread lives on.
+                if let Ok(len) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     request::finish(p, &guard, backend.as_ref(), &limits)
-                }))
-                .unwrap_or(0);
-                let _ = done.send((i, len));
+                })) {
+                    let _ = done.send((i, len));
+                }
             });
-            if sender.send(job).is_ok() {
-                queued += 1;
-            }
+            pending.push((i, status_addr));
+            // A job that cannot be queued is dropped and reported below.
+            let _ = sender.send(job);
         }
         drop(done_tx);
-        for _ in 0..queued {
-            match done_rx.recv() {
-                Ok((i, len)) => lens[i] = len,
-                Err(_) => break,
+        let mut completed = vec![false; lens.len()];
+        while let Ok((i, len)) = done_rx.recv() {
+            lens[i] = len;
+            completed[i] = true;
+        }
+        // A request that never completed (its job panicked, or could not be queued) must
+        // not look successful: the driver does not preset the status byte, and a stale 0
+        // reads as OK. It gets IOERR.
+        for (i, status_addr) in pending {
+            if !completed[i] {
+                log::error!("virtio-blk: a request failed inside the I/O thread; IOERR");
+                lens[i] = match status_addr {
+                    Some(addr)
+                        if vm_memory::Bytes::write_obj(mem, request::status::IOERR, addr)
+                            .is_ok() =>
+                    {
+                        1
+                    }
+                    _ => 0,
+                };
             }
         }
     }
@@ -666,6 +682,12 @@ impl VirtioDevice for Block {
             return Err(VirtioError::Features(features));
         }
         self.acked_features = features;
+        // A driver that cannot flush gets a write-through disk, before it can read
+        // `writeback` (virtio 1.2, 5.2.6.2: with CONFIG_WCE but not FLUSH, writeback MUST
+        // start at 0; with neither, nothing could ever make writes durable).
+        if features & feature::FLUSH == 0 && self.backend.cache_mode() == CacheMode::Writeback {
+            self.set_writeback(false);
+        }
         Ok(())
     }
 
@@ -687,6 +709,14 @@ impl VirtioDevice for Block {
             && data.len() == 1
             && self.acked_features & feature::CONFIG_WCE != 0
         {
+            // Writeback without a way to flush would lose completed writes on a crash.
+            if data[0] != 0 && self.acked_features & feature::FLUSH == 0 {
+                log::debug!(
+                    "virtio-blk {}: writeback refused, FLUSH was not negotiated",
+                    self.disk
+                );
+                return;
+            }
             self.set_writeback(data[0] != 0);
         } else {
             log::debug!(
@@ -704,14 +734,6 @@ impl VirtioDevice for Block {
                 index: 0,
                 reason: "no request queue enabled".into(),
             });
-        }
-        let acked = self.acked_features;
-        // A driver that can neither flush nor toggle the cache gets a write-through disk
-        // (virtio 1.2, 5.2.5.1).
-        if acked & (feature::FLUSH | feature::CONFIG_WCE) == 0
-            && self.backend.cache_mode() == CacheMode::Writeback
-        {
-            self.set_writeback(false);
         }
         let workers = self.config.workers.clamp(1, ctx.queues.len().max(1));
         let mut groups: Vec<(Vec<(u16, Queue)>, Vec<_>)> =

@@ -441,8 +441,11 @@ pub fn execute(
     match req.kind {
         RequestKind::In => {
             let slices = guest_slices(mem, &req.data)?;
-            backend.read_vectored(offset, &slices)?;
+            let result = backend.read_vectored(offset, &slices);
+            // Even a read that failed part-way may have changed guest memory: mark it dirty
+            // either way, so that live migration copies it.
             mark_dirty(mem, &req.data);
+            result?;
             // Bounded by seg_max * u32::MAX in theory; a chain is at most 4 GiB (virtio
             // 2.7.5.2, enforced by the chain iterator).
             Ok(u32::try_from(req.data_len).unwrap_or(u32::MAX))

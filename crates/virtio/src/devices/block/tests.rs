@@ -619,6 +619,18 @@ fn config_space_and_wce() {
         .unwrap();
     b.write_config(CONFIG_WRITEBACK_OFFSET, &[0]);
     assert_eq!(f.backend.cache_mode(), CacheMode::Writeback);
+    // CONFIG_WCE without FLUSH: writeback starts at 0 (virtio 1.2, 5.2.6.2), and the
+    // driver cannot turn it on, since it could never make writes durable.
+    b.reset();
+    b.negotiate_features(features::VERSION_1 | feature::CONFIG_WCE)
+        .unwrap();
+    assert_eq!(f.backend.cache_mode(), CacheMode::Writethrough);
+    b.read_config(CONFIG_WRITEBACK_OFFSET, &mut wb);
+    assert_eq!(wb, [0]);
+    b.write_config(CONFIG_WRITEBACK_OFFSET, &[1]);
+    assert_eq!(f.backend.cache_mode(), CacheMode::Writethrough);
+    b.reset();
+    assert_eq!(f.backend.cache_mode(), CacheMode::Writeback);
     // Other writes are ignored.
     b.write_config(0, &[1, 2, 3, 4]);
     b.read_config(0, &mut cap);
