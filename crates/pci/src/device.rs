@@ -52,6 +52,10 @@ pub trait PciDevice: Send + Sync {
 
     /// Called after the root complex moved a BAR's bus range, so that the function can move
     /// what it registered outside the bus (ioeventfds on a virtio notify region).
+    ///
+    /// [`crate::PciRoot`] reports a move as two calls, leaving (`new: None`) and then taking
+    /// (`old: None`), and reports every leaving of one update before any taking, so that an
+    /// address one BAR leaves is free before another BAR claims it.
     fn bar_moved(&self, change: &BarChange) {
         let _ = change;
     }

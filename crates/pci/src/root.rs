@@ -613,17 +613,29 @@ impl PciRoot {
         }
         touched.sort();
         touched.dedup();
-        for key in touched {
-            let change = BarChange {
-                old: old.get(&key).copied(),
-                new: state.mapped.get(&key).copied(),
-            };
-            if change.old == change.new {
-                continue;
+        let changes: Vec<_> = touched
+            .into_iter()
+            .map(|key| (key, old.get(&key).copied(), state.mapped.get(&key).copied()))
+            .filter(|(_, before, after)| before != after)
+            .collect();
+        // Functions hear about every address they leave before any function hears about an
+        // address it takes: a BAR may take over an address another BAR just left in the same
+        // resync, and what the functions registered there (ioeventfds) must be released
+        // before it is claimed again. A removed function is told by remove_device.
+        for (key, before, _) in &changes {
+            if let (Some(f), Some(before)) = (state.functions.get(&key.0), before) {
+                f.dev.bar_moved(&BarChange {
+                    old: Some(*before),
+                    new: None,
+                });
             }
-            // A removed function is told by remove_device.
-            if let Some(f) = state.functions.get(&key.0) {
-                f.dev.bar_moved(&change);
+        }
+        for (key, _, after) in &changes {
+            if let (Some(f), Some(after)) = (state.functions.get(&key.0), after) {
+                f.dev.bar_moved(&BarChange {
+                    old: None,
+                    new: Some(*after),
+                });
             }
         }
     }
@@ -985,9 +997,19 @@ mod tests {
         m.ecam_w32(addr, 0x10, 0xd100_0000);
         assert!(m.mmio.resolve(0xd000_0000).is_none());
         assert!(m.mmio.resolve(0xd100_3fff).is_some());
-        let last = *d.moves().last().unwrap();
-        assert_eq!(last.old.unwrap().addr, 0xd000_0000);
-        assert_eq!(last.new.unwrap().addr, 0xd100_0000);
+        // A move is told as leaving the old address, then taking the new one.
+        let moves = d.moves();
+        let [.., left, took] = moves.as_slice() else {
+            panic!("two moves expected: {moves:?}");
+        };
+        assert_eq!(
+            (left.old.map(|r| r.addr), left.new),
+            (Some(0xd000_0000), None)
+        );
+        assert_eq!(
+            (took.old, took.new.map(|r| r.addr)),
+            (None, Some(0xd100_0000))
+        );
         // Upper half of the 64-bit BAR.
         m.ecam_w32(addr, 0x14, 0x2);
         assert!(m.mmio.resolve(0x2_d100_0000).is_some());

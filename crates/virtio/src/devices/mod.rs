@@ -85,13 +85,16 @@ where
 
 /// Like [`drain_queue`], but hands `process` every chain available at once (at most
 /// `max_batch`), so that a device can run them concurrently; `process` returns one used
-/// length per chain, in the same order.
+/// length per chain, in the same order. Returns early, leaving chains in the ring, once
+/// `stop` says so (checked between batches), so that a guest that keeps the queue busy
+/// cannot hold up a reset or pause.
 pub(crate) fn drain_queue_batched<F>(
     queue: &mut Queue,
     index: u16,
     mem: &GuestMem,
     interrupt: &dyn VirtioInterrupt,
     max_batch: usize,
+    stop: &dyn Fn() -> bool,
     mut process: F,
 ) -> usize
 where
@@ -121,6 +124,9 @@ where
                         .add_used(mem, head, len)
                         .map_err(|e| format!("chain head {head}: {e}"))?;
                     done += 1;
+                }
+                if stop() {
+                    return Ok(());
                 }
             }
             if !queue.enable_notification(mem).map_err(|e| e.to_string())? {

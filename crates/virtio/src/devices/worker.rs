@@ -9,6 +9,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -22,9 +24,16 @@ const BACKEND_TOKEN_BASE: u64 = 1 << 32;
 /// Registration of backend file descriptors, handed to [`EventHandler`] callbacks.
 pub struct EventControl<'a> {
     epoll: &'a Epoll,
+    stopping: &'a AtomicBool,
 }
 
 impl EventControl<'_> {
+    /// Whether the worker has been asked to stop (reset, pause, drop): a handler that is
+    /// draining a busy queue should return so that the stop does not wait on the guest.
+    pub fn stop_requested(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     /// Starts watching `fd` for `events` (level triggered); `token` comes back in
     /// [`EventHandler::backend_event`].
     pub fn add(&self, fd: RawFd, token: u32, events: EventSet) -> io::Result<()> {
@@ -76,6 +85,7 @@ pub struct Parked<H> {
 /// A running worker thread.
 pub struct Worker<H: EventHandler> {
     stop: EventFd,
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<Parked<H>>>,
 }
 
@@ -98,11 +108,14 @@ impl<H: EventHandler> Worker<H> {
             )?;
         }
         let stop_thread = stop.try_clone()?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stopping_thread = stopping.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(epoll, stop_thread, handler, notifiers))?;
+            .spawn(move || run(epoll, stop_thread, &stopping_thread, handler, notifiers))?;
         Ok(Worker {
             stop,
+            stopping,
             thread: Some(thread),
         })
     }
@@ -115,6 +128,7 @@ impl<H: EventHandler> Worker<H> {
 
     fn stop_inner(&mut self) -> Option<Parked<H>> {
         let thread = self.thread.take()?;
+        self.stopping.store(true, Ordering::Release);
         if let Err(e) = self.stop.write(1) {
             log::error!("virtio worker: cannot signal stop: {e}");
         }
@@ -137,10 +151,14 @@ impl<H: EventHandler> Drop for Worker<H> {
 fn run<H: EventHandler>(
     epoll: Epoll,
     stop: EventFd,
+    stopping: &AtomicBool,
     mut handler: H,
     notifiers: Vec<EventFd>,
 ) -> Parked<H> {
-    let ctl = EventControl { epoll: &epoll };
+    let ctl = EventControl {
+        epoll: &epoll,
+        stopping,
+    };
     handler.start(&ctl);
     let mut events = vec![EpollEvent::default(); notifiers.len() + 16];
     'outer: loop {

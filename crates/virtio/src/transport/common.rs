@@ -555,7 +555,7 @@ impl Core {
         let new_bits = value & !self.status;
         let mut next = self.status | new_bits;
 
-        if new_bits & status::FEATURES_OK != 0 && !self.try_features_ok() {
+        if new_bits & status::FEATURES_OK != 0 && !self.try_features_ok(next) {
             next &= !status::FEATURES_OK;
         }
         if new_bits & status::DRIVER_OK != 0 {
@@ -571,11 +571,11 @@ impl Core {
         self.status = next;
     }
 
-    fn try_features_ok(&mut self) -> bool {
+    /// `next` is the status the write asks for: a driver may set ACKNOWLEDGE, DRIVER and
+    /// FEATURES_OK in one write.
+    fn try_features_ok(&mut self, next: u8) -> bool {
         let wanted = self.driver_features;
-        if self.status & (status::ACKNOWLEDGE | status::DRIVER)
-            != (status::ACKNOWLEDGE | status::DRIVER)
-        {
+        if next & (status::ACKNOWLEDGE | status::DRIVER) != (status::ACKNOWLEDGE | status::DRIVER) {
             log::warn!("virtio: FEATURES_OK before ACKNOWLEDGE and DRIVER refused");
             return false;
         }
@@ -619,7 +619,12 @@ impl Core {
                 Ok(fd) => fd,
                 Err(e) => {
                     log::error!("virtio: cannot clone the notify eventfd of queue {index}: {e}");
-                    self.shared.needs_reset.store(true, Ordering::Release);
+                    // NEEDS_RESET after DRIVER_OK comes with a configuration interrupt.
+                    let interrupt = TransportInterrupt {
+                        shared: Arc::clone(&self.shared),
+                        sink: Arc::clone(&self.sink),
+                    };
+                    interrupt.set_needs_reset();
                     return;
                 }
             };

@@ -161,6 +161,25 @@ impl VirtioMmio {
         })
     }
 
+    /// Lowers a level-triggered line once nothing is pending. Workers raise interrupts
+    /// without the transport lock (they set the status bit, then the line), so one may have
+    /// raised between our look at the status and the lowering: look again afterwards and
+    /// raise the line back if so, or that interrupt would be lost.
+    fn lower_level_line(&self) {
+        if self.line.trigger_mode() != TriggerMode::Level {
+            return;
+        }
+        if let Err(e) = self.line.set_level(false) {
+            log::warn!("virtio-mmio: cannot lower the interrupt line: {e}");
+            return;
+        }
+        if self.lock().interrupt_status(false) != 0 {
+            if let Err(e) = self.line.set_level(true) {
+                log::warn!("virtio-mmio: cannot raise the interrupt line: {e}");
+            }
+        }
+    }
+
     /// Rebuilds a transport from saved state around a freshly built `device` (same type and
     /// configuration as the saved one). A device that was `DRIVER_OK` is activated again,
     /// with its ioeventfds registered.
@@ -260,10 +279,8 @@ impl VirtioMmio {
             r::INTERRUPT_ACK => {
                 let pending = core.ack_interrupt(v);
                 drop(core);
-                if pending == 0 && self.line.trigger_mode() == TriggerMode::Level {
-                    if let Err(e) = self.line.set_level(false) {
-                        log::warn!("virtio-mmio: cannot lower the interrupt line: {e}");
-                    }
+                if pending == 0 {
+                    self.lower_level_line();
                 }
             }
             r::STATUS => {
@@ -271,10 +288,8 @@ impl VirtioMmio {
                 let pending = core.interrupt_status(false);
                 drop(core);
                 // A reset clears the interrupt status: lower a level line with it.
-                if v == 0 && pending == 0 && self.line.trigger_mode() == TriggerMode::Level {
-                    if let Err(e) = self.line.set_level(false) {
-                        log::warn!("virtio-mmio: cannot lower the interrupt line: {e}");
-                    }
+                if v == 0 && pending == 0 {
+                    self.lower_level_line();
                 }
             }
             r::QUEUE_DESC_LOW => core.set_queue_address(0, false, v),
@@ -426,6 +441,18 @@ mod tests {
         );
         assert_eq!(d.status() & status::DRIVER_OK, 0);
         assert!(!d.transport.is_active());
+        // ACKNOWLEDGE, DRIVER and FEATURES_OK may come in one write.
+        d.reset(Duration::from_secs(5)).unwrap();
+        d.write(r::DRIVER_FEATURES_SEL, 1);
+        d.write(r::DRIVER_FEATURES, 1);
+        d.write(
+            r::STATUS,
+            u32::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+        );
+        assert_eq!(
+            d.status(),
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK
+        );
     }
 
     #[test]

@@ -255,6 +255,12 @@ impl BlockQueueHandler {
 
     /// Serves every available request of the queue in `slot`; returns how many completed.
     pub fn process_queue(&mut self, slot: usize) -> usize {
+        self.process_queue_until(slot, &|| false)
+    }
+
+    /// Like [`BlockQueueHandler::process_queue`], but returns between batches once `stop`
+    /// says so (the rest stays in the ring).
+    pub fn process_queue_until(&mut self, slot: usize, stop: &dyn Fn() -> bool) -> usize {
         let Some((index, queue)) = self.queues.get_mut(slot) else {
             return 0;
         };
@@ -273,6 +279,7 @@ impl BlockQueueHandler {
             mem,
             self.interrupt.as_ref(),
             MAX_BATCH,
+            stop,
             |chains| io.execute_batch(chains, mem, limits),
         )
     }
@@ -447,14 +454,14 @@ impl BatchIo<'_> {
 }
 
 impl EventHandler for BlockQueueHandler {
-    fn start(&mut self, _ctl: &EventControl<'_>) {
+    fn start(&mut self, ctl: &EventControl<'_>) {
         for slot in 0..self.queues.len() {
-            self.process_queue(slot);
+            self.process_queue_until(slot, &|| ctl.stop_requested());
         }
     }
 
-    fn queue_notified(&mut self, slot: usize, _ctl: &EventControl<'_>) {
-        self.process_queue(slot);
+    fn queue_notified(&mut self, slot: usize, ctl: &EventControl<'_>) {
+        self.process_queue_until(slot, &|| ctl.stop_requested());
     }
 }
 
