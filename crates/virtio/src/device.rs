@@ -60,11 +60,16 @@ pub enum VirtioInterruptType {
 
 /// The interrupt side of a transport, handed to a device at activation.
 ///
-/// virtio-pci maps each type to the MSI-X vector the driver assigned (or to ISR + INTx);
+/// virtio-pci maps each type to the MSI-X vector the driver assigned (and sets the ISR);
 /// virtio-mmio sets the interrupt status register and raises its line.
 pub trait VirtioInterrupt: Send + Sync {
     /// Raises the interrupt. A vector the driver left unassigned (`NO_VECTOR`) or masked is
     /// not delivered (MSI-X records it as pending); that is not an error.
+    ///
+    /// [`VirtioInterruptType::Config`] also advances the configuration generation. A device
+    /// changes its configuration space only inside calls the transport makes (which hold
+    /// the transport's lock), then raises `Config`: a driver reading the space under the
+    /// same lock never sees a half-changed space with an unchanged generation.
     fn trigger(&self, kind: VirtioInterruptType) -> Result<(), vmkit_device::InterruptError>;
 
     /// An eventfd that raises the interrupt when written, if the transport has one (an irqfd

@@ -576,7 +576,7 @@ impl Core {
     fn try_features_ok(&mut self, next: u8) -> bool {
         let wanted = self.driver_features;
         if next & (status::ACKNOWLEDGE | status::DRIVER) != (status::ACKNOWLEDGE | status::DRIVER) {
-            log::warn!("virtio: FEATURES_OK before ACKNOWLEDGE and DRIVER refused");
+            log::debug!("virtio: FEATURES_OK before ACKNOWLEDGE and DRIVER refused");
             return false;
         }
         if wanted & !self.offered != 0 || self.driver_features_beyond_64 {
@@ -611,7 +611,7 @@ impl Core {
                 continue;
             }
             if !slot.queue.is_valid(&*mem) {
-                log::warn!("virtio: queue {index} is not valid; left out of activation");
+                log::debug!("virtio: queue {index} is not valid; left out of activation");
                 continue;
             }
             slot.queue.set_event_idx(event_idx);
