@@ -3,9 +3,12 @@
 //! up to `max_ports - 1` further ports, added and removed at run time, each backed by
 //! stdio, a Unix socket, files, a PTY or descriptors the VMM supplies.
 //!
-//! Guest output is written to the port's backend as it arrives. Host input is read into a
-//! per-port buffer (bounded; the backend is not read while it is full) and delivered when
-//! the driver posts receive buffers.
+//! Guest output is written to the port's backend without blocking; what the backend does
+//! not take is kept in a bounded per-port buffer, and while that is full the port's transmit
+//! queue is not consumed (back-pressure on the guest, no data lost) until the backend is
+//! writable again. Host input is read into a per-port buffer (bounded; the backend is not
+//! read while it is full) and delivered when the driver posts receive buffers, to ports the
+//! driver has open.
 //!
 //! ```no_run
 //! use vmkit_virtio::devices::console::{Console, ConsoleConfig, PortBackend, PortConfig};
@@ -60,6 +63,8 @@ pub mod feature {
 
 /// Host input buffered per port before the backend stops being read.
 pub const INPUT_BUFFER_CAP: usize = 64 * 1024;
+/// Guest output buffered per port before its transmit queue stops being consumed.
+pub const OUTPUT_BUFFER_CAP: usize = 64 * 1024;
 /// Longest guest message (data or control) taken from one chain.
 pub const MAX_CHAIN_BYTES: usize = 64 * 1024;
 /// Upper bound on `max_ports`.
@@ -193,11 +198,70 @@ struct PortRuntime {
     io: PortIo,
     pending: VecDeque<u8>,
     input_registered: bool,
+    /// Guest output the backend has not taken yet.
+    out: VecDeque<u8>,
+    output_registered: bool,
+}
+
+impl PortRuntime {
+    fn new(io: PortIo) -> Self {
+        PortRuntime {
+            io,
+            pending: VecDeque::new(),
+            input_registered: false,
+            out: VecDeque::new(),
+            output_registered: false,
+        }
+    }
+
+    /// Appends `data` to the output buffer and writes the buffer as far as the backend
+    /// takes it without blocking. An error is a failed socket client (the buffer is
+    /// dropped).
+    fn write_output(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.out.extend(data);
+        while !self.out.is_empty() {
+            let (head, _) = self.out.as_slices();
+            match self.io.try_write(head) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.out.drain(..n.min(self.out.len()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.out.clear();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the output for writability exactly while output is buffered.
+    fn update_output_poll(&mut self, id: u32, ctl: &EventControl<'_>) {
+        let want = !self.out.is_empty();
+        if want == self.output_registered {
+            return;
+        }
+        let Some(fd) = self.io.output_fd() else {
+            self.output_registered = false;
+            return;
+        };
+        if want {
+            match ctl.add(fd, token(id, ROLE_OUTPUT), EventSet::OUT) {
+                Ok(()) => self.output_registered = true,
+                Err(e) => log::warn!("virtio-console: port {id}: cannot poll output: {e}"),
+            }
+        } else {
+            let _ = ctl.remove(fd);
+            self.output_registered = false;
+        }
+    }
 }
 
 const CMD_TOKEN: u32 = u32::MAX;
 const ROLE_INPUT: u32 = 0;
 const ROLE_LISTENER: u32 = 1;
+const ROLE_OUTPUT: u32 = 2;
 
 fn token(port: u32, role: u32) -> u32 {
     port * 4 + role
@@ -231,6 +295,8 @@ impl ConsoleHandler {
                 log::warn!("virtio-console: port {id}: cannot poll listener: {e}");
             }
         }
+        p.output_registered = false;
+        p.update_output_poll(id, ctl);
         p.input_registered = false;
         if p.pending.len() < INPUT_BUFFER_CAP {
             if let Some(fd) = p.io.input_fd() {
@@ -253,6 +319,12 @@ impl ConsoleHandler {
                 }
                 p.input_registered = false;
             }
+            if p.output_registered {
+                if let Some(fd) = p.io.output_fd() {
+                    let _ = ctl.remove(fd);
+                }
+                p.output_registered = false;
+            }
         }
     }
 
@@ -270,83 +342,179 @@ impl ConsoleHandler {
         let guard = self.mem.memory();
         let mem: &GuestMem = &guard;
         let (index, queue) = &mut self.queues[slot];
-        let out = &mut self.ctrl_out;
-        deliver(queue, *index, mem, self.interrupt.as_ref(), |cap| {
-            let m = out.pop_front()?;
-            if m.len() > cap {
-                log::warn!(
-                    "virtio-console: control buffer of {cap} bytes too small, message truncated"
-                );
-            }
-            Some(m)
-        });
+        let mut source = ControlSource(&mut self.ctrl_out);
+        deliver(queue, *index, mem, self.interrupt.as_ref(), &mut source);
     }
 
-    /// Processes the control transmit queue (driver → device messages).
-    pub fn process_control_tx(&mut self) {
+    /// Processes the control transmit queue (driver → device messages). Ports the driver
+    /// opened get their buffered input.
+    pub fn process_control_tx(&mut self, ctl: Option<&EventControl<'_>>) {
         let Some(slot) = self.slot(CONTROL_TX) else {
             return;
         };
         let guard = self.mem.memory();
         let mem: &GuestMem = &guard;
         let mut replies = Vec::new();
+        let mut opened = Vec::new();
         {
             let (index, queue) = &mut self.queues[slot];
             let state = &mut self.state;
             drain_queue(queue, *index, mem, self.interrupt.as_ref(), |chain| {
                 let bytes = gather(chain, mem, MAX_CHAIN_BYTES);
+                let was_open = control::ControlMessage::parse(&bytes)
+                    .and_then(|m| state.port(m.id).map(|p| (m.id, p.guest_open)));
                 replies.extend(state.handle_guest(&bytes));
+                if let Some((id, false)) = was_open {
+                    if state.port(id).is_some_and(|p| p.guest_open) {
+                        opened.push(id);
+                    }
+                }
                 0
             });
         }
         drop(guard);
         self.queue_ctrl(replies);
         self.flush_control();
+        for id in opened {
+            self.fill_rx(id, ctl);
+        }
     }
 
-    /// Processes a port's transmit queue: guest output to the backend.
-    pub fn process_tx(&mut self, port: u32) {
+    /// Whether host input may be delivered to `port`: under `MULTIPORT` only while the
+    /// driver has the port open (Linux discards data for ports nobody opened).
+    fn accepts_input(&self, port: u32) -> bool {
+        !self.multiport || self.state.port(port).is_some_and(|p| p.guest_open)
+    }
+
+    /// Processes a port's transmit queue: guest output to the backend. Buffered output is
+    /// written first; while the port's output buffer is full the queue is left alone (it is
+    /// served again when the backend becomes writable). A socket client that cannot be
+    /// written to is disconnected (`PORT_OPEN` 0 to the driver).
+    pub fn process_tx(&mut self, port: u32, ctl: Option<&EventControl<'_>>) {
         let Some(slot) = self.slot(tx_queue(port)) else {
             return;
         };
         let guard = self.mem.memory();
         let mem: &GuestMem = &guard;
         let (index, queue) = &mut self.queues[slot];
-        let mut io = self.ports.get_mut(&port).map(|p| &mut p.io);
-        drain_queue(queue, *index, mem, self.interrupt.as_ref(), |chain| {
-            let bytes = gather(chain, mem, MAX_CHAIN_BYTES);
-            match io.as_mut() {
-                Some(io) => io.write(&bytes),
-                None => log::debug!("virtio-console: output to absent port {port} dropped"),
+        let index = *index;
+        let interrupt = self.interrupt.as_ref();
+        let mut p = self.ports.get_mut(&port);
+        let mut lost = None;
+        if let Some(p) = p.as_mut() {
+            if let Err(e) = p.write_output(&[]) {
+                lost = Some(e);
             }
-            0
-        });
+        }
+        let mut done = 0usize;
+        let result: Result<(), String> = (|| {
+            loop {
+                queue.disable_notification(mem).map_err(|e| e.to_string())?;
+                loop {
+                    if p.as_ref().is_some_and(|p| p.out.len() >= OUTPUT_BUFFER_CAP) {
+                        // Back-pressure: resumed by the backend becoming writable.
+                        return Ok(());
+                    }
+                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    let bytes = gather(chain, mem, MAX_CHAIN_BYTES);
+                    match p.as_mut() {
+                        // Output after the client failed is dropped, as for a
+                        // disconnected socket.
+                        Some(_) if lost.is_some() => {}
+                        Some(p) => {
+                            if let Err(e) = p.write_output(&bytes) {
+                                lost = Some(e);
+                            }
+                        }
+                        None => {
+                            log::debug!("virtio-console: output to absent port {port} dropped")
+                        }
+                    }
+                    queue
+                        .add_used(mem, head, 0)
+                        .map_err(|e| format!("chain head {head}: {e}"))?;
+                    done += 1;
+                }
+                if !queue.enable_notification(mem).map_err(|e| e.to_string())? {
+                    return Ok(());
+                }
+                check_avail_index(queue, mem)?;
+            }
+        })();
+        if let Err(e) = result {
+            log::error!("virtio-console: queue {index} is broken: {e}; device needs reset");
+            interrupt.set_needs_reset();
+        }
+        if done > 0 {
+            match queue.needs_notification(mem) {
+                Ok(true) => signal_queue(interrupt, index),
+                Ok(false) => {}
+                Err(_) => interrupt.set_needs_reset(),
+            }
+        }
+        drop(guard);
+        if let Some(e) = lost {
+            log::warn!("virtio-console: port {port}: client write failed: {e}");
+            self.client_lost(port, ctl);
+        }
+        if let (Some(p), Some(ctl)) = (self.ports.get_mut(&port), ctl) {
+            p.update_output_poll(port, ctl);
+        }
+    }
+
+    /// Guest output buffered for `port` and not yet taken by its backend.
+    pub fn pending_output(&self, port: u32) -> usize {
+        self.ports.get(&port).map_or(0, |p| p.out.len())
+    }
+
+    /// The socket client of `port` hung up or failed: stop polling it, drop it and tell
+    /// the driver (`PORT_OPEN` 0), so the next client is announced again.
+    fn client_lost(&mut self, port: u32, ctl: Option<&EventControl<'_>>) {
+        let Some(p) = self.ports.get_mut(&port) else {
+            return;
+        };
+        if p.io.listener_fd().is_none() {
+            return;
+        }
+        if let Some(ctl) = ctl {
+            if p.input_registered {
+                if let Some(fd) = p.io.input_fd() {
+                    let _ = ctl.remove(fd);
+                }
+            }
+            if p.output_registered {
+                if let Some(fd) = p.io.output_fd() {
+                    let _ = ctl.remove(fd);
+                }
+            }
+        }
+        p.input_registered = false;
+        p.output_registered = false;
+        p.out.clear();
+        p.io.disconnect();
+        let msgs = self.state.set_host_connected(port, false);
+        self.queue_ctrl(msgs);
+        self.flush_control();
     }
 
     /// Moves buffered host input of `port` into its receive queue, reading non-pollable
     /// input (regular files) as room allows, and resumes polling the backend once the buffer
     /// drained.
     pub fn fill_rx(&mut self, port: u32, ctl: Option<&EventControl<'_>>) {
+        let open = self.accepts_input(port);
         let Some(p) = self.ports.get_mut(&port) else {
             return;
         };
-        if let Some(slot) = self.queues.iter().position(|(i, _)| *i == rx_queue(port)) {
+        let slot = self.queues.iter().position(|(i, _)| *i == rx_queue(port));
+        if let (Some(slot), true) = (slot, open) {
             let guard = self.mem.memory();
             let mem: &GuestMem = &guard;
             let (index, queue) = &mut self.queues[slot];
-            deliver(queue, *index, mem, self.interrupt.as_ref(), |cap| {
-                if p.pending.is_empty() && p.io.has_pull_input() {
-                    let mut buf = vec![0u8; cap.min(INPUT_BUFFER_CAP)];
-                    if let Ok(n) = p.io.read(&mut buf) {
-                        p.pending.extend(&buf[..n]);
-                    }
-                }
-                if p.pending.is_empty() {
-                    return None;
-                }
-                let n = cap.min(p.pending.len());
-                Some(p.pending.drain(..n).collect())
-            });
+            let mut source = PortSource(p);
+            deliver(queue, *index, mem, self.interrupt.as_ref(), &mut source);
         }
         if let Some(ctl) = ctl {
             if !p.input_registered && p.pending.len() < INPUT_BUFFER_CAP {
@@ -386,11 +554,8 @@ impl ConsoleHandler {
             }
             p.input_registered = false;
         }
-        if hung_up && p.io.listener_fd().is_some() {
-            p.io.disconnect();
-            let msgs = self.state.set_host_connected(port, false);
-            self.queue_ctrl(msgs);
-            self.flush_control();
+        if hung_up {
+            self.client_lost(port, Some(ctl));
         }
         self.fill_rx(port, None);
     }
@@ -447,14 +612,7 @@ impl ConsoleHandler {
             host_connected: io.host_connected(),
             ..status
         };
-        self.ports.insert(
-            id,
-            PortRuntime {
-                io,
-                pending: VecDeque::new(),
-                input_registered: false,
-            },
-        );
+        self.ports.insert(id, PortRuntime::new(io));
         let msgs = self.state.add_port(id, status);
         self.queue_ctrl(msgs);
         if let Some(ctl) = ctl {
@@ -466,9 +624,9 @@ impl ConsoleHandler {
     pub fn process_index(&mut self, index: u16, ctl: Option<&EventControl<'_>>) {
         match queue_role(index) {
             QueueRole::Rx(port) => self.fill_rx(port, ctl),
-            QueueRole::Tx(port) => self.process_tx(port),
+            QueueRole::Tx(port) => self.process_tx(port, ctl),
             QueueRole::ControlRx => self.flush_control(),
-            QueueRole::ControlTx => self.process_control_tx(),
+            QueueRole::ControlTx => self.process_control_tx(ctl),
         }
     }
 
@@ -525,6 +683,7 @@ impl EventHandler for ConsoleHandler {
         match role {
             ROLE_INPUT => self.input_ready(port, ctl),
             ROLE_LISTENER => self.accept(port, ctl),
+            ROLE_OUTPUT => self.process_tx(port, Some(ctl)),
             _ => {}
         }
     }
@@ -548,24 +707,92 @@ fn gather(chain: virtio_queue::DescriptorChain<&GuestMem>, mem: &GuestMem, max: 
     out
 }
 
-/// Fills chains of `queue` with what `supply(capacity)` returns, until it returns `None` or
-/// the queue has no buffers; the driver is signalled once at the end if it wants to be.
-fn deliver<F>(
+/// Where [`deliver`] takes device → driver data from.
+trait RxSource {
+    /// Whether there is data waiting (without consuming it).
+    fn has_data(&self) -> bool;
+    /// Up to `cap` bytes for one receive chain, `None` when there is nothing to send.
+    fn take(&mut self, cap: usize) -> Option<Vec<u8>>;
+}
+
+/// A port's buffered host input (and its non-pollable input, read as room allows).
+struct PortSource<'a>(&'a mut PortRuntime);
+
+impl RxSource for PortSource<'_> {
+    fn has_data(&self) -> bool {
+        !self.0.pending.is_empty() || self.0.io.has_pull_input()
+    }
+
+    fn take(&mut self, cap: usize) -> Option<Vec<u8>> {
+        let p = &mut *self.0;
+        if p.pending.is_empty() && p.io.has_pull_input() {
+            let mut buf = vec![0u8; cap.min(INPUT_BUFFER_CAP)];
+            if let Ok(n) = p.io.read(&mut buf) {
+                p.pending.extend(&buf[..n]);
+            }
+        }
+        if p.pending.is_empty() {
+            return None;
+        }
+        let n = cap.min(p.pending.len());
+        Some(p.pending.drain(..n).collect())
+    }
+}
+
+/// Pending control messages.
+struct ControlSource<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl RxSource for ControlSource<'_> {
+    fn has_data(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    fn take(&mut self, cap: usize) -> Option<Vec<u8>> {
+        let m = self.0.pop_front()?;
+        if m.len() > cap {
+            log::warn!(
+                "virtio-console: control buffer of {cap} bytes too small, message truncated"
+            );
+        }
+        Some(m)
+    }
+}
+
+/// Fills chains of `queue` with what `source` supplies, until it runs dry or the queue has
+/// no buffers; the driver is signalled once at the end if it wants to be.
+///
+/// When data is left over for want of buffers, driver notifications are enabled (with
+/// `EVENT_IDX` that writes `avail_event`), so the driver kicks the queue when it posts the
+/// next buffer; buffers that appeared meanwhile are used at once.
+fn deliver(
     queue: &mut Queue,
     index: u16,
     mem: &GuestMem,
     interrupt: &dyn VirtioInterrupt,
-    mut supply: F,
-) where
-    F: FnMut(usize) -> Option<Vec<u8>>,
-{
+    source: &mut dyn RxSource,
+) {
     let mut done = 0usize;
     let result: Result<(), String> = (|| {
+        // Chains popped since notifications were last enabled and found pending.
+        let mut progress = true;
         loop {
+            if !source.has_data() {
+                return Ok(());
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 // Nothing (more) to pop: make sure that is not a broken available index.
-                return check_avail_index(queue, mem);
+                check_avail_index(queue, mem)?;
+                // Data is waiting: ask the driver to kick when it posts a buffer.
+                if !queue.enable_notification(mem).map_err(|e| e.to_string())? {
+                    return Ok(());
+                }
+                if !progress {
+                    return Err("available ring entries cannot be read".into());
+                }
+                progress = false;
+                continue;
             };
+            progress = true;
             let head = chain.head_index();
             let descs: Vec<(GuestAddress, u32)> =
                 chain.writable().map(|d| (d.addr(), d.len())).collect();
@@ -585,7 +812,7 @@ fn deliver<F>(
                 done += 1;
                 continue;
             }
-            let Some(data) = supply(cap) else {
+            let Some(data) = source.take(cap) else {
                 queue.go_to_previous_position();
                 return Ok(());
             };
@@ -919,14 +1146,7 @@ impl VirtioDevice for Console {
             commands: Some((rx, efd.try_clone()?)),
         };
         for (id, io) in std::mem::take(&mut self.idle_io) {
-            handler.ports.insert(
-                id,
-                PortRuntime {
-                    io,
-                    pending: VecDeque::new(),
-                    input_registered: false,
-                },
-            );
+            handler.ports.insert(id, PortRuntime::new(io));
         }
         self.interrupt = Some(ctx.interrupt);
         self.commands = Some((tx, efd));

@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,8 @@ use super::ConsoleError;
 /// Where a port's data goes and comes from.
 #[derive(Debug)]
 pub enum PortBackend {
-    /// The VMM's stdin (input) and stdout (output).
+    /// The VMM's stdin (input) and stdout (output). A stdout pipe or terminal is reopened
+    /// as a new non-blocking open file description, so the VMM's own stdout stays blocking.
     Stdio,
     /// A Unix socket the device listens on; one client at a time is connected to the port
     /// (further clients are refused while one is connected).
@@ -31,7 +33,8 @@ pub enum PortBackend {
     Fds {
         /// Read for guest input (must be pollable, or a regular file).
         input: Option<OwnedFd>,
-        /// Guest output is written here.
+        /// Guest output is written here. A pipe or terminal is switched to `O_NONBLOCK`
+        /// (on its open file description, shared with any duplicate the VMM keeps).
         output: Option<OwnedFd>,
     },
     /// Output discarded, no input.
@@ -45,15 +48,70 @@ pub(crate) struct PortIo {
     /// Input that is not pollable (a regular file): read when there is room.
     pull_input: bool,
     output: Option<File>,
-    /// Drop output instead of blocking (PTY without a reader).
-    nonblocking_output: bool,
+    /// How `output` is written without blocking the worker.
+    out_kind: OutKind,
     listener: Option<UnixListener>,
     client: Option<UnixStream>,
+    /// A duplicate of the client's descriptor, polled for writability (the client's own
+    /// descriptor is polled for input, and epoll takes a descriptor only once).
+    client_poll: Option<OwnedFd>,
     socket_path: Option<PathBuf>,
     pty_path: Option<PathBuf>,
     /// Keeps the PTY's slave side open so the master never reads EIO.
     _pty_slave: Option<File>,
     input_eof: bool,
+}
+
+/// How an output descriptor is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutKind {
+    /// A regular file: writes complete without waiting for a reader and cannot be polled.
+    Blocking,
+    /// A socket: `send` with `MSG_DONTWAIT`, without touching the descriptor's flags.
+    Socket,
+    /// A pipe, FIFO or terminal with `O_NONBLOCK` on our own open file description.
+    Nonblocking,
+    /// A PTY master: output nobody reads is dropped rather than stalling the guest.
+    DropWhenFull,
+}
+
+/// Picks how to write `f` without blocking. `reopen` names a path that opens the same
+/// pipe/FIFO/terminal as a new open file description (for stdout, which the VMM shares:
+/// `O_NONBLOCK` must not leak into the VMM's own stdout).
+fn output_kind(f: File, reopen: Option<&str>) -> (File, OutKind) {
+    let ft = match f.metadata() {
+        Ok(m) => m.file_type(),
+        Err(_) => return (f, OutKind::Blocking),
+    };
+    if ft.is_file() {
+        return (f, OutKind::Blocking);
+    }
+    if ft.is_socket() {
+        return (f, OutKind::Socket);
+    }
+    let f = match reopen {
+        Some(path) => match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+        {
+            Ok(new) => return (new, OutKind::Nonblocking),
+            Err(e) => {
+                log::warn!(
+                    "virtio-console: cannot reopen {path} non-blocking ({e}); output may block"
+                );
+                return (f, OutKind::Blocking);
+            }
+        },
+        None => f,
+    };
+    match set_nonblocking(f.as_raw_fd()) {
+        Ok(()) => (f, OutKind::Nonblocking),
+        Err(e) => {
+            log::warn!("virtio-console: cannot make output non-blocking ({e}); output may block");
+            (f, OutKind::Blocking)
+        }
+    }
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> ConsoleError {
@@ -91,9 +149,10 @@ impl PortIo {
             input: None,
             pull_input: false,
             output: None,
-            nonblocking_output: false,
+            out_kind: OutKind::Blocking,
             listener: None,
             client: None,
+            client_poll: None,
             socket_path: None,
             pty_path: None,
             _pty_slave: None,
@@ -111,10 +170,11 @@ impl PortIo {
                     .map_err(|e| ConsoleError::Backend(format!("dup stdin: {e}")))?;
                 io.pull_input = is_regular(&input);
                 io.input = Some(input);
-                io.output = Some(
-                    dup_fd(libc::STDOUT_FILENO)
-                        .map_err(|e| ConsoleError::Backend(format!("dup stdout: {e}")))?,
-                );
+                let out = dup_fd(libc::STDOUT_FILENO)
+                    .map_err(|e| ConsoleError::Backend(format!("dup stdout: {e}")))?;
+                let (out, kind) = output_kind(out, Some("/proc/self/fd/1"));
+                io.output = Some(out);
+                io.out_kind = kind;
             }
             PortBackend::UnixSocket(path) => {
                 let listener = UnixListener::bind(&path).map_err(|e| io_err("bind", &path, e))?;
@@ -125,13 +185,14 @@ impl PortIo {
                 io.socket_path = Some(path);
             }
             PortBackend::File { output, input } => {
-                io.output = Some(
-                    OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&output)
-                        .map_err(|e| io_err("open", &output, e))?,
-                );
+                let out = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&output)
+                    .map_err(|e| io_err("open", &output, e))?;
+                let (out, kind) = output_kind(out, None);
+                io.output = Some(out);
+                io.out_kind = kind;
                 if let Some(inp) = input {
                     let f = File::open(&inp).map_err(|e| io_err("open", &inp, e))?;
                     io.pull_input = is_regular(&f);
@@ -146,7 +207,7 @@ impl PortIo {
                         .map_err(|e| ConsoleError::Backend(format!("pty: {e}")))?,
                 );
                 io.output = Some(master);
-                io.nonblocking_output = true;
+                io.out_kind = OutKind::DropWhenFull;
                 io.pty_path = Some(path);
                 io._pty_slave = Some(slave);
             }
@@ -156,7 +217,11 @@ impl PortIo {
                     io.pull_input = is_regular(&f);
                     io.input = Some(f);
                 }
-                io.output = output.map(File::from);
+                if let Some(fd) = output {
+                    let (out, kind) = output_kind(File::from(fd), None);
+                    io.output = Some(out);
+                    io.out_kind = kind;
+                }
             }
         }
         Ok(io)
@@ -215,6 +280,13 @@ impl PortIo {
                     log::warn!("virtio-console: client socket: {e}");
                 }
                 let fd = stream.as_raw_fd();
+                self.client_poll = match stream.try_clone() {
+                    Ok(dup) => Some(OwnedFd::from(dup)),
+                    Err(e) => {
+                        log::warn!("virtio-console: client socket: {e}");
+                        None
+                    }
+                };
                 self.client = Some(stream);
                 self.input_eof = false;
                 Some(fd)
@@ -230,6 +302,19 @@ impl PortIo {
     /// Drops the socket client (hang-up).
     pub(crate) fn disconnect(&mut self) {
         self.client = None;
+        self.client_poll = None;
+    }
+
+    /// The descriptor to poll for writability while output is buffered; `None` when
+    /// writes never wait (regular files, PTYs, no output).
+    pub(crate) fn output_fd(&self) -> Option<RawFd> {
+        if self.client.is_some() {
+            return self.client_poll.as_ref().map(|f| f.as_raw_fd());
+        }
+        match (&self.output, self.out_kind) {
+            (Some(f), OutKind::Socket | OutKind::Nonblocking) => Some(f.as_raw_fd()),
+            _ => None,
+        }
     }
 
     /// Reads input. `Ok(0)` is end of input (for a socket: the client left).
@@ -257,27 +342,69 @@ impl PortIo {
         }
     }
 
-    /// Writes guest output. Output to a disconnected socket or a PTY nobody reads is
-    /// dropped.
-    pub(crate) fn write(&mut self, data: &[u8]) {
-        let r = if let Some(c) = &mut self.client {
-            c.write_all(data)
-        } else if let Some(f) = &mut self.output {
-            match f.write_all(data) {
-                Err(e) if self.nonblocking_output && e.kind() == io::ErrorKind::WouldBlock => {
-                    log::debug!("virtio-console: pty full, output dropped");
-                    Ok(())
-                }
-                other => other,
-            }
-        } else {
-            Ok(())
+    /// Writes guest output without blocking; returns how much was taken. Output to a
+    /// disconnected socket or a PTY nobody reads is dropped (reported as taken); output
+    /// errors of files and descriptors are logged and the data dropped.
+    ///
+    /// `Err(WouldBlock)`: the backend is full, try again when [`PortIo::output_fd`] is
+    /// writable. Any other error comes from the socket client: it is gone, and the caller
+    /// drops it with [`PortIo::disconnect`] and tells the driver.
+    pub(crate) fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(c) = &self.client {
+            return send(c.as_raw_fd(), data);
+        }
+        let Some(f) = &mut self.output else {
+            return Ok(data.len());
         };
-        if let Err(e) = r {
-            log::warn!("virtio-console: port output: {e}");
-            if self.client.is_some() {
-                self.client = None;
+        let r = loop {
+            let r = match self.out_kind {
+                OutKind::Blocking => f.write_all(data).map(|()| data.len()),
+                OutKind::Socket => send(f.as_raw_fd(), data),
+                OutKind::Nonblocking | OutKind::DropWhenFull => f.write(data),
+            };
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r,
             }
+        };
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if self.out_kind == OutKind::DropWhenFull {
+                    log::debug!("virtio-console: pty full, output dropped");
+                    Ok(data.len())
+                } else {
+                    Err(e)
+                }
+            }
+            Err(e) => {
+                log::warn!("virtio-console: port output: {e}; output dropped");
+                Ok(data.len())
+            }
+            ok => ok,
+        }
+    }
+}
+
+/// One non-blocking `send` that raises no `SIGPIPE` when the peer is gone (retried when
+/// interrupted).
+fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `data` is a valid buffer of `data.len()` bytes for the duration of the
+        // call.
+        let n = unsafe {
+            libc::send(
+                fd,
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n.unsigned_abs());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

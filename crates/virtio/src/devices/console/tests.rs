@@ -215,6 +215,12 @@ fn multiport_handshake_and_data() {
     assert_eq!(&buf, b"console!");
     host0.write_all(b"x").unwrap();
 
+    // Guest opens the ports.
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::PORT_OPEN, 1));
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_OPEN, 1));
+    h.process_index(CONTROL_TX, None);
+    assert!(h.control_state().port(1).unwrap().guest_open);
+
     // Host input waits for receive buffers.
     h.push_input(1, b"queued until buffers arrive");
     assert_eq!(h.pending_input(1), 27);
@@ -233,11 +239,124 @@ fn multiport_handshake_and_data() {
     let got = rig.received(0, 0);
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].len() + got[1].len(), 300);
+    assert!(!irq.needs_reset());
+}
 
-    // Guest opens port 1.
+/// Address of the `avail_event` field of the test queue at `index` (16 entries).
+fn avail_event_addr(index: u16) -> GuestAddress {
+    let size = 16u64;
+    let avail = qbase(index) + 16 * size;
+    let used = (avail + 6 + 2 * size + 3) & !3;
+    GuestAddress(used + 4 + 8 * size)
+}
+
+/// Whether a driver that moved the available index of `index` from `old` to `new` must
+/// kick the device under `EVENT_IDX` (`vring_need_event`).
+fn driver_must_kick(mem: &GuestMem, index: u16, old: u16, new: u16) -> bool {
+    let event: u16 = mem.read_obj(avail_event_addr(index)).unwrap();
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+fn with_event_idx(h: &mut ConsoleHandler) {
+    for (_, q) in &mut h.queues {
+        q.set_event_idx(true);
+    }
+}
+
+#[test]
+fn event_idx_rx_asks_for_a_kick_when_input_waits_for_buffers() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &[0, 1]);
+    let (mut h, irq) = handler(
+        &mem,
+        &rig,
+        false,
+        vec![(0, PortStatus::default(), PortBackend::Null)],
+    );
+    with_event_idx(&mut h);
+    let input: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+    rig.post_rx(0);
+    h.process_index(0, None);
+    h.push_input(0, &input);
+    assert_eq!(h.pending_input(0), 600 - 256);
+    // The guest reposts buffers one at a time; each repost must be kicked, and the kick
+    // delivers the next part.
+    for n in 1..3u16 {
+        rig.post_rx(0);
+        assert!(
+            driver_must_kick(&mem, 0, n, n + 1),
+            "avail_event not armed after {n} buffers"
+        );
+        h.process_index(0, None);
+    }
+    assert_eq!(h.pending_input(0), 0);
+    assert_eq!(rig.received(0, 0).concat(), input);
+    // Nothing left to deliver: further buffers need no kick.
+    rig.post_rx(0);
+    assert!(!driver_must_kick(&mem, 0, 4, 5));
+    assert!(!irq.needs_reset());
+}
+
+#[test]
+fn event_idx_control_rx_asks_for_a_kick_when_messages_wait() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &[0, 1, 2, 3]);
+    let ports = (0..3)
+        .map(|i| (i, PortStatus::default(), PortBackend::Null))
+        .collect();
+    let (mut h, irq) = handler(&mem, &rig, true, ports);
+    with_event_idx(&mut h);
+    rig.post_rx(CONTROL_RX);
+    h.process_index(CONTROL_RX, None);
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::DEVICE_READY, 1));
+    h.process_index(CONTROL_TX, None);
+    assert_eq!(rig.queues[&CONTROL_RX].used_idx(), 1);
+    for n in 1..3u16 {
+        rig.post_rx(CONTROL_RX);
+        assert!(
+            driver_must_kick(&mem, CONTROL_RX, n, n + 1),
+            "avail_event not armed after {n} buffers"
+        );
+        h.process_index(CONTROL_RX, None);
+    }
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 0)),
+        vec![
+            (0, event::DEVICE_ADD, 0),
+            (1, event::DEVICE_ADD, 0),
+            (2, event::DEVICE_ADD, 0)
+        ]
+    );
+    assert!(!irq.needs_reset());
+}
+
+#[test]
+fn multiport_input_waits_until_the_guest_opens_the_port() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &[0, 1, 2, 3, 4, 5]);
+    let ports = (0..2)
+        .map(|i| (i, PortStatus::default(), PortBackend::Null))
+        .collect();
+    let (mut h, irq) = handler(&mem, &rig, true, ports);
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::DEVICE_READY, 1));
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_READY, 1));
+    h.process_index(CONTROL_TX, None);
+    rig.post_rx(rx_queue(1));
+    rig.post_rx(rx_queue(1));
+    h.process_index(rx_queue(1), None);
+    h.push_input(1, b"early");
+    assert_eq!(rig.queues[&rx_queue(1)].used_idx(), 0, "port not open yet");
+    assert_eq!(h.pending_input(1), 5);
+    // PORT_OPEN 1 delivers what waited.
     rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_OPEN, 1));
     h.process_index(CONTROL_TX, None);
-    assert!(h.control_state().port(1).unwrap().guest_open);
+    assert_eq!(rig.received(rx_queue(1), 0), vec![b"early".to_vec()]);
+    // Closed again: input waits once more.
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_OPEN, 0));
+    h.process_index(CONTROL_TX, None);
+    h.push_input(1, b"late");
+    assert_eq!(rig.queues[&rx_queue(1)].used_idx(), 1);
+    assert_eq!(h.pending_input(1), 4);
     assert!(!irq.needs_reset());
 }
 
@@ -432,6 +551,8 @@ fn hotplug_resize_and_socket_port() {
         parse(&rig.received(CONTROL_RX, 3)),
         vec![(1, event::PORT_OPEN, 1)]
     );
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_OPEN, 1));
+    kick(&kicks, CONTROL_TX);
     client.write_all(b"ping").unwrap();
     rig.post_rx(rx_queue(1));
     kick(&kicks, rx_queue(1));
@@ -493,6 +614,212 @@ fn hotplug_resize_and_socket_port() {
 }
 
 #[test]
+fn socket_write_failure_disconnects_the_client() {
+    let mem = memory();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("port.sock");
+    let mut console = Console::new(ConsoleConfig {
+        max_ports: 2,
+        ..ConsoleConfig::default()
+    })
+    .unwrap();
+    console
+        .add_port(PortConfig::new(PortBackend::Null))
+        .unwrap();
+    console
+        .add_port(PortConfig::new(PortBackend::UnixSocket(sock.clone())))
+        .unwrap();
+    console
+        .negotiate_features(console.device_features())
+        .unwrap();
+    let mut rig = Rig::new(&mem, &[0, 1, 2, 3, 4, 5]);
+    for _ in 0..16 {
+        rig.post_rx(CONTROL_RX);
+    }
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::DEVICE_READY, 1));
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_READY, 1));
+    let (irq, kicks) = activate(&mut console, &mem, &rig);
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 2));
+    let client = UnixStream::connect(&sock).unwrap();
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 3));
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 2)),
+        vec![(1, event::PORT_OPEN, 1)]
+    );
+    // The client stops receiving (without hanging up its sending side): writes fail.
+    client.shutdown(std::net::Shutdown::Read).unwrap();
+    rig.post_tx(tx_queue(1), b"nobody listens");
+    kick(&kicks, tx_queue(1));
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 4));
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 3)),
+        vec![(1, event::PORT_OPEN, 0)]
+    );
+    // The next client is announced.
+    let _next = UnixStream::connect(&sock).unwrap();
+    assert!(wait_until(|| rig.queues[&CONTROL_RX].used_idx() >= 5));
+    assert_eq!(
+        parse(&rig.received(CONTROL_RX, 4)),
+        vec![(1, event::PORT_OPEN, 1)]
+    );
+    drop(client);
+    console.reset();
+    assert!(!irq.needs_reset());
+}
+
+const BIG_CHUNK: usize = 32 * 1024;
+
+/// Guest output chain `i` of the back-pressure tests: `BIG_CHUNK` bytes in one of 8 slots
+/// (at most one chain is outstanding at a time).
+fn big_chunk(i: usize) -> Vec<u8> {
+    (0..BIG_CHUNK).map(|j| (i * 7 + j / 3) as u8).collect()
+}
+
+fn post_big(rig: &mut Rig<'_>, index: u16, i: usize) {
+    let addr = 0x80_0000 + (i as u64 % 8) * BIG_CHUNK as u64;
+    rig.mem
+        .write_slice(&big_chunk(i), GuestAddress(addr))
+        .unwrap();
+    rig.queues
+        .get_mut(&index)
+        .unwrap()
+        .add(&[D(addr, BIG_CHUNK as u32, false)]);
+}
+
+/// Host end of an output-only port over a socket pair whose device side would block when
+/// the host stops reading (a write timeout turns a blocking write into a lossy error
+/// instead of a hung test).
+fn output_pair() -> (PortBackend, UnixStream) {
+    let (a, b) = UnixStream::pair().unwrap();
+    a.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    (
+        PortBackend::Fds {
+            input: None,
+            output: Some(a.into()),
+        },
+        b,
+    )
+}
+
+#[test]
+fn output_back_pressure_keeps_every_byte() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &[0, 1]);
+    let (backend, mut host) = output_pair();
+    let (mut h, irq) = handler(&mem, &rig, false, vec![(0, PortStatus::default(), backend)]);
+    const TOTAL: usize = 48;
+    // The host does not read: the device buffers, then stops taking chains.
+    let mut posted = 0usize;
+    while posted < TOTAL {
+        post_big(&mut rig, 1, posted);
+        posted += 1;
+        h.process_index(1, None);
+        if usize::from(rig.queues[&1].used_idx()) < posted {
+            break;
+        }
+    }
+    assert!(posted < TOTAL, "the transmit queue was never held back");
+    assert!(h.pending_output(0) >= OUTPUT_BUFFER_CAP);
+    assert!(h.pending_output(0) < OUTPUT_BUFFER_CAP + BIG_CHUNK);
+    // The host reads; every byte arrives, in order.
+    host.set_nonblocking(true).unwrap();
+    let want: Vec<u8> = (0..TOTAL).flat_map(big_chunk).collect();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..100_000 {
+        if got.len() >= want.len() {
+            break;
+        }
+        match host.read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        h.process_index(1, None);
+        if posted < TOTAL && usize::from(rig.queues[&1].used_idx()) == posted {
+            post_big(&mut rig, 1, posted);
+            posted += 1;
+        }
+    }
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "output corrupted or reordered");
+    assert_eq!(usize::from(rig.queues[&1].used_idx()), TOTAL);
+    assert_eq!(h.pending_output(0), 0);
+    assert!(!irq.needs_reset());
+}
+
+#[test]
+fn threaded_output_resumes_when_the_backend_drains() {
+    let mem = memory();
+    let mut console = Console::new(ConsoleConfig::default()).unwrap();
+    let (backend, mut host) = output_pair();
+    console.add_port(PortConfig::new(backend)).unwrap();
+    console.negotiate_features(features::VERSION_1).unwrap();
+    let mut rig = Rig::new(&mem, &[0, 1]);
+    let (irq, kicks) = activate(&mut console, &mem, &rig);
+    const TOTAL: usize = 48;
+    let consumed = |rig: &Rig<'_>, n: usize| {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            if usize::from(rig.queues[&1].used_idx()) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    };
+    let mut posted = 0usize;
+    while posted < TOTAL {
+        post_big(&mut rig, 1, posted);
+        posted += 1;
+        kick(&kicks, 1);
+        if !consumed(&rig, posted) {
+            break;
+        }
+    }
+    assert!(posted < TOTAL, "the transmit queue was never held back");
+    // Pausing and resuming a held-back port neither hangs nor loses the buffer.
+    console.pause().unwrap();
+    console.resume().unwrap();
+    let want: Vec<u8> = (0..TOTAL).flat_map(big_chunk).collect();
+    let len = want.len();
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; len];
+        host.read_exact(&mut got).unwrap();
+        got
+    });
+    // Nothing kicks the queue for the held-back chain: the device resumes by itself once
+    // the backend is writable.
+    while posted < TOTAL {
+        assert!(
+            wait_until(|| usize::from(rig.queues[&1].used_idx()) >= posted),
+            "stuck at chain {posted}"
+        );
+        post_big(&mut rig, 1, posted);
+        posted += 1;
+        kick(&kicks, 1);
+    }
+    assert!(wait_until(
+        || usize::from(rig.queues[&1].used_idx()) >= TOTAL
+    ));
+    let got = reader.join().unwrap();
+    assert!(got == want, "output corrupted or reordered");
+    console.reset();
+    assert!(!irq.needs_reset());
+}
+
+#[test]
+fn stdio_output_leaves_the_vmm_stdout_blocking() {
+    let io = PortIo::open(PortBackend::Stdio).unwrap();
+    // SAFETY: F_GETFL on a descriptor number; no pointers involved.
+    let flags = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFL) };
+    assert!(flags >= 0);
+    assert_eq!(flags & libc::O_NONBLOCK, 0, "stdout was made non-blocking");
+    drop(io);
+}
+
+#[test]
 fn file_and_pty_backends() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.log");
@@ -514,6 +841,9 @@ fn file_and_pty_backends() {
         .unwrap();
     let mut rig = Rig::new(&mem, &[0, 1, 2, 3, 4, 5]);
     rig.post_rx(0);
+    // The driver opens both ports (input is only delivered to open ports).
+    rig.post_tx(CONTROL_TX, &ctrl(0, event::PORT_OPEN, 1));
+    rig.post_tx(CONTROL_TX, &ctrl(1, event::PORT_OPEN, 1));
     let (irq, kicks) = activate(&mut console, &mem, &rig);
     // File input is delivered as soon as there is a buffer.
     assert!(irq.wait_for(VirtioInterruptType::Queue(0), 1));
