@@ -44,43 +44,9 @@ pub(crate) fn drain_queue<F>(
 where
     F: FnMut(DescriptorChain<&GuestMem>) -> u32,
 {
-    let mut done = 0usize;
-    let result: Result<(), String> = (|| {
-        loop {
-            queue.disable_notification(mem).map_err(|e| e.to_string())?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let len = process(chain);
-                queue
-                    .add_used(mem, head, len)
-                    .map_err(|e| format!("chain head {head}: {e}"))?;
-                done += 1;
-            }
-            if !queue.enable_notification(mem).map_err(|e| e.to_string())? {
-                break;
-            }
-            // The driver says more is available, but nothing more could be popped when the
-            // available index is more than a queue size ahead: the ring is broken, and
-            // looping would spin forever.
-            check_avail_index(queue, mem)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        log::error!("virtio: queue {index} is broken: {e}; device needs reset");
-        interrupt.set_needs_reset();
-    }
-    if done > 0 {
-        match queue.needs_notification(mem) {
-            Ok(true) => signal_queue(interrupt, index),
-            Ok(false) => {}
-            Err(e) => {
-                log::error!("virtio: queue {index}: reading used_event failed: {e}");
-                interrupt.set_needs_reset();
-            }
-        }
-    }
-    done
+    drain_queue_batched(queue, index, mem, interrupt, 1, &|| false, |chains| {
+        chains.into_iter().map(&mut process).collect()
+    })
 }
 
 /// Like [`drain_queue`], but hands `process` every chain available at once (at most

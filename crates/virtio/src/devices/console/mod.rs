@@ -267,6 +267,25 @@ fn token(port: u32, role: u32) -> u32 {
     port * 4 + role
 }
 
+/// Stops watching a port's input and output streams (without a worker, only forgets that
+/// they were watched).
+fn unwatch_streams(p: &mut PortRuntime, ctl: Option<&EventControl<'_>>) {
+    if let Some(ctl) = ctl {
+        if p.input_registered {
+            if let Some(fd) = p.io.input_fd() {
+                let _ = ctl.remove(fd);
+            }
+        }
+        if p.output_registered {
+            if let Some(fd) = p.io.output_fd() {
+                let _ = ctl.remove(fd);
+            }
+        }
+    }
+    p.input_registered = false;
+    p.output_registered = false;
+}
+
 /// The queue handler of the console: all queues, the control protocol and the port
 /// backends, served by one worker thread (or called directly in tests).
 pub struct ConsoleHandler {
@@ -313,18 +332,7 @@ impl ConsoleHandler {
             if let Some(fd) = p.io.listener_fd() {
                 let _ = ctl.remove(fd);
             }
-            if p.input_registered {
-                if let Some(fd) = p.io.input_fd() {
-                    let _ = ctl.remove(fd);
-                }
-                p.input_registered = false;
-            }
-            if p.output_registered {
-                if let Some(fd) = p.io.output_fd() {
-                    let _ = ctl.remove(fd);
-                }
-                p.output_registered = false;
-            }
+            unwatch_streams(p, Some(ctl));
         }
     }
 
@@ -479,20 +487,7 @@ impl ConsoleHandler {
         if p.io.listener_fd().is_none() {
             return;
         }
-        if let Some(ctl) = ctl {
-            if p.input_registered {
-                if let Some(fd) = p.io.input_fd() {
-                    let _ = ctl.remove(fd);
-                }
-            }
-            if p.output_registered {
-                if let Some(fd) = p.io.output_fd() {
-                    let _ = ctl.remove(fd);
-                }
-            }
-        }
-        p.input_registered = false;
-        p.output_registered = false;
+        unwatch_streams(p, ctl);
         p.out.clear();
         p.io.disconnect();
         let msgs = self.state.set_host_connected(port, false);
