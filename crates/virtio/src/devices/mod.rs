@@ -102,6 +102,20 @@ where
         }
         Ok(())
     })();
+    end_of_pass(queue, index, mem, interrupt, done, result);
+    done
+}
+
+/// The end of a pass over a queue: a broken ring makes the device need a reset, and after
+/// `done` completions the driver is signalled if it asked to be (`EVENT_IDX` aware).
+pub(crate) fn end_of_pass(
+    queue: &mut Queue,
+    index: u16,
+    mem: &GuestMem,
+    interrupt: &dyn VirtioInterrupt,
+    done: usize,
+    result: Result<(), String>,
+) {
     if let Err(e) = result {
         log::error!("virtio: queue {index} is broken: {e}; device needs reset");
         interrupt.set_needs_reset();
@@ -116,7 +130,6 @@ where
             }
         }
     }
-    done
 }
 
 /// Fails if the driver's available index is more than a queue size ahead of the device's

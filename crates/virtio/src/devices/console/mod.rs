@@ -47,7 +47,7 @@ use self::control::{ControlState, PortStatus};
 pub use self::port::PortBackend;
 use self::port::PortIo;
 use super::worker::{EventControl, EventHandler, Parked, WorkerSet};
-use super::{check_avail_index, drain_queue, signal_queue, GuestMem};
+use super::{check_avail_index, drain_queue, end_of_pass, GuestMem};
 use crate::{
     device_type, features, ActivateContext, VirtioDevice, VirtioError, VirtioInterrupt,
     VirtioInterruptType, VirtioMemory,
@@ -452,17 +452,7 @@ impl ConsoleHandler {
                 check_avail_index(queue, mem)?;
             }
         })();
-        if let Err(e) = result {
-            log::error!("virtio-console: queue {index} is broken: {e}; device needs reset");
-            interrupt.set_needs_reset();
-        }
-        if done > 0 {
-            match queue.needs_notification(mem) {
-                Ok(true) => signal_queue(interrupt, index),
-                Ok(false) => {}
-                Err(_) => interrupt.set_needs_reset(),
-            }
-        }
+        end_of_pass(queue, index, mem, interrupt, done, result);
         drop(guard);
         if let Some(e) = lost {
             log::warn!("virtio-console: port {port}: client write failed: {e}");
@@ -826,17 +816,7 @@ fn deliver(
             done += 1;
         }
     })();
-    if let Err(e) = result {
-        log::error!("virtio-console: queue {index} is broken: {e}; device needs reset");
-        interrupt.set_needs_reset();
-    }
-    if done > 0 {
-        match queue.needs_notification(mem) {
-            Ok(true) => signal_queue(interrupt, index),
-            Ok(false) => {}
-            Err(_) => interrupt.set_needs_reset(),
-        }
-    }
+    end_of_pass(queue, index, mem, interrupt, done, result);
 }
 
 /// Saved state of one port.
