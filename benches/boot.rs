@@ -17,8 +17,12 @@
 //! Memory: peak RSS of the whole process (`ru_maxrss`) for a 1-vCPU, 128 MiB guest, and for
 //! vmkit the VMM's own resident memory excluding guest RAM, as the VMM reports it.
 
+mod common;
+
+use common::{build_vmm, fetch_qemu};
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,44 +32,6 @@ struct Sample {
     exit: Duration,
     maxrss_kib: u64,
     overhead_kib: Option<u64>,
-}
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn build_vmm() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--example", "vmm"])
-        .current_dir(repo_root())
-        .status()
-        .expect("run cargo build for the vmm example");
-    assert!(status.success(), "building the vmm example failed");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join("target"));
-    target.join("release").join("examples").join("vmm")
-}
-
-fn fetch_qemu() -> Option<PathBuf> {
-    if std::env::var("VMKIT_BENCH_NO_QEMU").is_ok_and(|v| v == "1") {
-        return None;
-    }
-    let out = Command::new(repo_root().join("scripts/fetch-qemu.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!("boot bench: QEMU unavailable (scripts/fetch-qemu.sh failed); peer skipped");
-        return None;
-    }
-    let path = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()?
-        .trim()
-        .to_owned();
-    Some(PathBuf::from(path))
 }
 
 /// Waits for the child and returns (exit time, peak RSS in KiB).
@@ -157,7 +123,7 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let vmm = build_vmm();
-    let qemu = fetch_qemu();
+    let qemu = fetch_qemu("boot");
     let guest = vmkit_guest::elf_path();
 
     let mut json = Vec::new();

@@ -22,6 +22,10 @@
 //! Both VMMs open the file with `O_DIRECT` (vmkit `cache=none`, QEMU `cache=none`), so the
 //! guest's reads reach the disk like the host's own.
 
+mod common;
+
+use common::{build_vmm, fetch_qemu, target_dir};
+
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -29,54 +33,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join("target"))
-}
-
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn build_vmm() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--example", "vmm"])
-        .current_dir(repo_root())
-        .status()
-        .expect("run cargo build for the vmm example");
-    assert!(status.success(), "building the vmm example failed");
-    target_dir().join("release").join("examples").join("vmm")
-}
-
-fn fetch_qemu() -> Option<PathBuf> {
-    if std::env::var("VMKIT_BENCH_NO_QEMU").is_ok_and(|v| v == "1") {
-        return None;
-    }
-    let out = Command::new(repo_root().join("scripts/fetch-qemu.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "virtio-blk bench: QEMU unavailable (scripts/fetch-qemu.sh failed); peer skipped"
-        );
-        return None;
-    }
-    let path = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()?
-        .trim()
-        .to_owned();
-    Some(PathBuf::from(path))
 }
 
 /// Writes `mib` MiB of incompressible, never-zero data.
@@ -224,7 +185,7 @@ fn main() {
     let disk_str = disk.to_str().expect("UTF-8 path").to_owned();
 
     let vmm = build_vmm();
-    let qemu = fetch_qemu();
+    let qemu = fetch_qemu("virtio-blk");
     let guest = target_dir().join("virtio-blk-bench-guest.elf");
     let status = Command::new(&vmm)
         .arg("--dump-guest")
