@@ -28,6 +28,47 @@ fn to_migration(e: crate::PciError) -> MigrationError {
     }
 }
 
+/// The snapshot, restore and [`PciDevice`] implementations of a function that is only a
+/// configuration space (no BARs): the host bridge and PCI-to-PCI bridges. The type has a
+/// `config: Mutex<PciConfigSpace>` field and a `from_state` constructor.
+macro_rules! config_space_only_function {
+    ($t:ty) => {
+        impl Snapshot for $t {
+            type State = PciConfigState;
+            fn save(&self) -> Result<PciConfigState, MigrationError> {
+                Ok(lock(&self.config).save())
+            }
+        }
+
+        impl vmkit_migration::Restore for $t {
+            type Args = ();
+            fn restore(_args: (), state: &PciConfigState) -> Result<Self, MigrationError> {
+                Self::from_state(state).map_err(to_migration)
+            }
+        }
+
+        impl PciDevice for $t {
+            fn config_read(&self, offset: u16, data: &mut [u8]) {
+                lock(&self.config).read(offset, data);
+            }
+
+            fn config_write(&self, offset: u16, data: &[u8]) -> Vec<BarChange> {
+                lock(&self.config).write(offset, data)
+            }
+
+            fn bar_read(&self, _bar: u8, _offset: u64, data: &mut [u8]) {
+                data.fill(0xff);
+            }
+
+            fn bar_write(&self, _bar: u8, _offset: u64, _data: &[u8]) {}
+
+            fn bars(&self) -> Vec<PciBarRegion> {
+                Vec::new()
+            }
+        }
+    };
+}
+
 /// The host bridge at 00:00.0: a type 0 function of class 06/00 with no BARs.
 #[derive(Debug)]
 pub struct PciHostBridge {
@@ -65,39 +106,7 @@ impl PciHostBridge {
     }
 }
 
-impl Snapshot for PciHostBridge {
-    type State = PciConfigState;
-    fn save(&self) -> Result<PciConfigState, MigrationError> {
-        Ok(lock(&self.config).save())
-    }
-}
-
-impl vmkit_migration::Restore for PciHostBridge {
-    type Args = ();
-    fn restore(_args: (), state: &PciConfigState) -> Result<Self, MigrationError> {
-        Self::from_state(state).map_err(to_migration)
-    }
-}
-
-impl PciDevice for PciHostBridge {
-    fn config_read(&self, offset: u16, data: &mut [u8]) {
-        lock(&self.config).read(offset, data);
-    }
-
-    fn config_write(&self, offset: u16, data: &[u8]) -> Vec<BarChange> {
-        lock(&self.config).write(offset, data)
-    }
-
-    fn bar_read(&self, _bar: u8, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-
-    fn bar_write(&self, _bar: u8, _offset: u64, _data: &[u8]) {}
-
-    fn bars(&self) -> Vec<PciBarRegion> {
-        Vec::new()
-    }
-}
+config_space_only_function!(PciHostBridge);
 
 /// A PCI-to-PCI bridge (type 1 header, class 06/04, no BARs).
 ///
@@ -237,39 +246,7 @@ impl PciBridge {
     }
 }
 
-impl Snapshot for PciBridge {
-    type State = PciConfigState;
-    fn save(&self) -> Result<PciConfigState, MigrationError> {
-        Ok(lock(&self.config).save())
-    }
-}
-
-impl vmkit_migration::Restore for PciBridge {
-    type Args = ();
-    fn restore(_args: (), state: &PciConfigState) -> Result<Self, MigrationError> {
-        Self::from_state(state).map_err(to_migration)
-    }
-}
-
-impl PciDevice for PciBridge {
-    fn config_read(&self, offset: u16, data: &mut [u8]) {
-        lock(&self.config).read(offset, data);
-    }
-
-    fn config_write(&self, offset: u16, data: &[u8]) -> Vec<BarChange> {
-        lock(&self.config).write(offset, data)
-    }
-
-    fn bar_read(&self, _bar: u8, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-
-    fn bar_write(&self, _bar: u8, _offset: u64, _data: &[u8]) {}
-
-    fn bars(&self) -> Vec<PciBarRegion> {
-        Vec::new()
-    }
-}
+config_space_only_function!(PciBridge);
 
 #[cfg(test)]
 mod tests {
