@@ -39,7 +39,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vmkit_migration::{decode_section, encode_section, Section, VersionedState};
+use vmkit_migration::{
+    decode_section, encode_section, MigrationError, Section, Value, VersionedState,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -400,6 +402,9 @@ impl ConsoleHandler {
     /// written to is disconnected (`PORT_OPEN` 0 to the driver).
     pub fn process_tx(&mut self, port: u32, ctl: Option<&EventControl<'_>>) {
         let Some(slot) = self.slot(tx_queue(port)) else {
+            // No transmit queue (output restored from a snapshot taken under other
+            // features): still write out what is buffered.
+            self.flush_output(port, ctl);
             return;
         };
         let guard = self.mem.memory();
@@ -455,6 +460,21 @@ impl ConsoleHandler {
         end_of_pass(queue, index, mem, interrupt, done, result);
         drop(guard);
         if let Some(e) = lost {
+            log::warn!("virtio-console: port {port}: client write failed: {e}");
+            self.client_lost(port, ctl);
+        }
+        if let (Some(p), Some(ctl)) = (self.ports.get_mut(&port), ctl) {
+            p.update_output_poll(port, ctl);
+        }
+    }
+
+    /// Writes buffered output of `port` as far as its backend takes it, and polls the
+    /// backend for writability while some remains.
+    fn flush_output(&mut self, port: u32, ctl: Option<&EventControl<'_>>) {
+        let Some(p) = self.ports.get_mut(&port) else {
+            return;
+        };
+        if let Err(e) = p.write_output(&[]) {
             log::warn!("virtio-console: port {port}: client write failed: {e}");
             self.client_lost(port, ctl);
         }
@@ -832,6 +852,14 @@ pub struct SavedPort {
     pub guest_ready: bool,
     /// The driver has the port open.
     pub guest_open: bool,
+    /// Host input buffered for the port and not yet delivered to the driver (version 2;
+    /// empty when decoded from version 1).
+    #[serde(default)]
+    pub pending_input: Vec<u8>,
+    /// Guest output the host end had not taken yet (version 2; empty when decoded from
+    /// version 1).
+    #[serde(default)]
+    pub pending_output: Vec<u8>,
 }
 
 /// Saved state of the console device.
@@ -847,11 +875,37 @@ pub struct ConsoleState {
     pub device_ready: bool,
     /// The ports.
     pub ports: Vec<SavedPort>,
+    /// Control messages (`virtio_console_control` and payload) queued for the driver and
+    /// not yet delivered for want of control receive buffers, oldest first (version 2;
+    /// empty when decoded from version 1).
+    #[serde(default)]
+    pub control_queue: Vec<Vec<u8>>,
 }
 
+/// Version history: 1 had the driver's control flags only; 2 added the queued control
+/// messages ([`ConsoleState::control_queue`]) and each port's buffered input and output
+/// ([`SavedPort::pending_input`], [`SavedPort::pending_output`]).
 impl VersionedState for ConsoleState {
     const NAME: &'static str = "vmkit-virtio/console";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
+
+    fn upgrade(from: u16, value: Value) -> Result<Value, MigrationError> {
+        match from {
+            // The version-2 fields are `serde(default)`: nothing was queued or buffered.
+            1 => Ok(value),
+            _ => Err(MigrationError::UnsupportedVersion {
+                name: Self::NAME,
+                version: from,
+            }),
+        }
+    }
+}
+
+/// Buffered data of a port restored from a snapshot, handed to the worker on activation.
+#[derive(Default)]
+struct PortBuffers {
+    input: VecDeque<u8>,
+    output: VecDeque<u8>,
 }
 
 struct PortMeta {
@@ -868,6 +922,9 @@ pub struct Console {
     /// While not activated: the port backends and the control state.
     idle_io: BTreeMap<u32, PortIo>,
     idle_state: ControlState,
+    /// While not activated: control messages and port data restored from a snapshot.
+    idle_ctrl_out: VecDeque<Vec<u8>>,
+    idle_buffers: BTreeMap<u32, PortBuffers>,
     workers: WorkerSet<ConsoleHandler>,
     commands: Option<(Sender<Command>, EventFd)>,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
@@ -898,6 +955,8 @@ impl Console {
             ports: BTreeMap::new(),
             idle_io: BTreeMap::new(),
             idle_state: ControlState::new(),
+            idle_ctrl_out: VecDeque::new(),
+            idle_buffers: BTreeMap::new(),
             workers: WorkerSet::new("virtio-console"),
             commands: None,
             interrupt: None,
@@ -921,6 +980,12 @@ impl Console {
     /// Adds a port at the lowest free id (port 0 first) and, if the driver is running,
     /// announces it with `DEVICE_ADD`. The backend is opened here, so errors (a socket path
     /// in use, a missing file) are reported to the caller.
+    ///
+    /// Port 0 is the first port added (and the only one a driver without
+    /// [`feature::MULTIPORT`] uses, through queues 0 and 1). Under `MULTIPORT`, Linux
+    /// attaches an `hvc` console only to ports announced as consoles
+    /// ([`PortConfig::console`]): for a Linux guest console, add the first port with
+    /// `console: true`. Nothing here enforces that.
     pub fn add_port(&mut self, port: PortConfig) -> Result<PortInfo, ConsoleError> {
         let id = (0..self.config.max_ports)
             .find(|i| !self.ports.contains_key(i))
@@ -969,6 +1034,7 @@ impl Console {
         } else {
             self.idle_state.remove_port(id);
             self.idle_io.remove(&id);
+            self.idle_buffers.remove(&id);
             Ok(())
         }
     }
@@ -1117,11 +1183,20 @@ impl VirtioDevice for Console {
             queues,
             state,
             ports: BTreeMap::new(),
-            ctrl_out: VecDeque::new(),
+            // Restored from a snapshot: delivered once the driver posts buffers.
+            ctrl_out: std::mem::take(&mut self.idle_ctrl_out),
             commands: Some((rx, efd.try_clone()?)),
         };
+        let mut buffers = std::mem::take(&mut self.idle_buffers);
         for (id, io) in std::mem::take(&mut self.idle_io) {
-            handler.ports.insert(id, PortRuntime::new(io));
+            let mut rt = PortRuntime::new(io);
+            if let Some(b) = buffers.remove(&id) {
+                // Restored input goes to the driver, restored output to the backend, when
+                // the worker starts.
+                rt.pending = b.input;
+                rt.out = b.output;
+            }
+            handler.ports.insert(id, rt);
         }
         self.interrupt = Some(ctx.interrupt);
         self.commands = Some((tx, efd));
@@ -1136,28 +1211,35 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         self.take_back();
         self.idle_state.reset();
+        self.idle_ctrl_out.clear();
+        self.idle_buffers.clear();
         self.acked_features = 0;
         self.interrupt = None;
     }
 
     fn save_state(&self) -> Result<Section, VirtioError> {
-        let state = self
-            .workers
-            .parked()
-            .next()
-            .map(|h| &h.state)
-            .unwrap_or(&self.idle_state);
+        let handler = self.workers.parked().next();
+        let state = handler.map(|h| &h.state).unwrap_or(&self.idle_state);
+        let ctrl_out = handler.map(|h| &h.ctrl_out).unwrap_or(&self.idle_ctrl_out);
         let ports = self
             .ports
             .iter()
             .map(|(id, m)| {
                 let st = state.port(*id);
+                let (input, output) = match handler {
+                    Some(h) => h.ports.get(id).map(|p| (&p.pending, &p.out)),
+                    None => self.idle_buffers.get(id).map(|b| (&b.input, &b.output)),
+                }
+                .map(|(i, o)| (i.iter().copied().collect(), o.iter().copied().collect()))
+                .unwrap_or_default();
                 SavedPort {
                     id: *id,
                     name: m.name.clone(),
                     console: m.console,
                     guest_ready: st.is_some_and(|s| s.guest_ready),
                     guest_open: st.is_some_and(|s| s.guest_open),
+                    pending_input: input,
+                    pending_output: output,
                 }
             })
             .collect();
@@ -1167,6 +1249,7 @@ impl VirtioDevice for Console {
             size: self.size,
             device_ready: state.device_ready(),
             ports,
+            control_queue: ctrl_out.iter().cloned().collect(),
         })
         .map_err(|e| VirtioError::State(e.to_string()))
     }
@@ -1198,6 +1281,26 @@ impl VirtioDevice for Console {
                 "virtio-console: restore into an activated device".into(),
             ));
         }
+        let max_msg = control::CONTROL_HEADER_LEN + control::MAX_NAME_LEN;
+        if let Some(m) = s
+            .control_queue
+            .iter()
+            .find(|m| !(control::CONTROL_HEADER_LEN..=max_msg).contains(&m.len()))
+        {
+            return Err(VirtioError::State(format!(
+                "virtio-console: saved control message of {} bytes (not {}..={max_msg})",
+                m.len(),
+                control::CONTROL_HEADER_LEN
+            )));
+        }
+        let max_out = OUTPUT_BUFFER_CAP + MAX_CHAIN_BYTES;
+        if let Some(p) = s.ports.iter().find(|p| p.pending_output.len() > max_out) {
+            return Err(VirtioError::State(format!(
+                "virtio-console: port {}: {} bytes of saved output exceed {max_out}",
+                p.id,
+                p.pending_output.len()
+            )));
+        }
         self.acked_features = s.acked_features;
         self.size = s.size;
         // Rebuild the control state with the driver's flags: a restored driver does not
@@ -1216,6 +1319,19 @@ impl VirtioDevice for Console {
             );
         }
         self.idle_state = st;
+        self.idle_ctrl_out = s.control_queue.into_iter().collect();
+        self.idle_buffers = s
+            .ports
+            .into_iter()
+            .filter(|p| !p.pending_input.is_empty() || !p.pending_output.is_empty())
+            .map(|p| {
+                let b = PortBuffers {
+                    input: p.pending_input.into(),
+                    output: p.pending_output.into(),
+                };
+                (p.id, b)
+            })
+            .collect();
         Ok(())
     }
 

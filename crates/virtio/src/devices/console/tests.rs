@@ -941,3 +941,316 @@ crate::virtio_conformance_tests!(
         crate::conformance::Probe::readable(CONTROL_TX, &[&[0, 0, 0, 0, 0, 0, 1, 0]]),
     ]
 );
+
+/// Golden file of a version-1 [`ConsoleState`] (before queued control messages and buffered
+/// port data were saved). Written once by `regenerate_golden_v1` (run by hand with
+/// `cargo test -p vmkit-virtio golden_v1 -- --ignored`) from a version-1 build; never
+/// regenerate it: a new version gets a new file, and this one must keep decoding.
+fn golden_path(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("src/devices/console/golden")
+        .join(name)
+}
+
+/// The deterministic version-1 state stored in `golden/console_state_v1.cbor` (the
+/// version-2 fields empty, as version 1 decodes).
+fn expected_v1() -> ConsoleState {
+    ConsoleState {
+        acked_features: features::VERSION_1 | feature::SIZE | feature::MULTIPORT,
+        max_ports: 4,
+        size: (132, 43),
+        device_ready: true,
+        ports: vec![
+            SavedPort {
+                id: 0,
+                name: None,
+                console: true,
+                guest_ready: true,
+                guest_open: true,
+                pending_input: Vec::new(),
+                pending_output: Vec::new(),
+            },
+            SavedPort {
+                id: 2,
+                name: Some("org.vmkit.agent".into()),
+                console: false,
+                guest_ready: true,
+                guest_open: false,
+                pending_input: Vec::new(),
+                pending_output: Vec::new(),
+            },
+        ],
+        control_queue: Vec::new(),
+    }
+}
+
+/// Writes the version-1 golden file. Run once, by hand; see [`golden_path`].
+#[test]
+#[ignore = "writes golden/console_state_v1.cbor; run by hand only when creating the file"]
+fn regenerate_golden_v1() {
+    assert_eq!(
+        ConsoleState::VERSION,
+        1,
+        "the v1 golden file must be written by a v1 build"
+    );
+    let path = golden_path("console_state_v1.cbor");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, vmkit_migration::encode(&expected_v1()).unwrap()).unwrap();
+}
+
+#[test]
+fn golden_v1_decodes_to_the_expected_state() {
+    let path = golden_path("console_state_v1.cbor");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let state: ConsoleState = vmkit_migration::decode(&bytes).expect("version-1 golden decodes");
+    assert_eq!(state, expected_v1());
+    // The file really is version 1: a reader that knows only version 1 accepts it.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct V1Probe {}
+    impl VersionedState for V1Probe {
+        const NAME: &'static str = ConsoleState::NAME;
+        const VERSION: u16 = 1;
+    }
+    assert!(vmkit_migration::decode::<V1Probe>(&bytes).is_ok());
+    assert!(
+        vmkit_migration::decode::<V1Probe>(&vmkit_migration::encode(&expected_v1()).unwrap())
+            .is_err()
+    );
+    // A version-1 state restores: nothing queued, nothing buffered.
+    let mut console = Console::new(ConsoleConfig {
+        max_ports: 4,
+        ..ConsoleConfig::default()
+    })
+    .unwrap();
+    for _ in 0..3 {
+        console
+            .add_port(PortConfig::new(PortBackend::Null))
+            .unwrap();
+    }
+    console.remove_port(1).unwrap();
+    console
+        .restore_state(&encode_section(&state).unwrap())
+        .unwrap();
+    assert!(console.idle_ctrl_out.is_empty());
+    assert!(console.idle_buffers.is_empty());
+    assert!(console.idle_state.port(0).unwrap().guest_open);
+}
+
+#[test]
+fn restore_rejects_malformed_buffers() {
+    let mut console = Console::new(ConsoleConfig::default()).unwrap();
+    console
+        .add_port(PortConfig::new(PortBackend::Null))
+        .unwrap();
+    let mut s = ConsoleState {
+        acked_features: features::VERSION_1 | feature::MULTIPORT,
+        max_ports: ConsoleConfig::default().max_ports,
+        size: (80, 25),
+        device_ready: true,
+        ports: vec![SavedPort {
+            id: 0,
+            name: None,
+            console: false,
+            guest_ready: true,
+            guest_open: true,
+            pending_input: Vec::new(),
+            pending_output: Vec::new(),
+        }],
+        control_queue: vec![vec![0; 4]],
+    };
+    assert!(console.restore_state(&encode_section(&s).unwrap()).is_err());
+    s.control_queue = vec![ctrl(0, event::PORT_OPEN, 1)];
+    s.ports[0].pending_output = vec![0; OUTPUT_BUFFER_CAP + MAX_CHAIN_BYTES + 1];
+    assert!(console.restore_state(&encode_section(&s).unwrap()).is_err());
+    s.ports[0].pending_output = b"out".to_vec();
+    console.restore_state(&encode_section(&s).unwrap()).unwrap();
+    assert_eq!(console.idle_ctrl_out.len(), 1);
+    // A reset forgets what was restored.
+    console.reset();
+    assert!(console.idle_ctrl_out.is_empty());
+    assert!(console.idle_buffers.is_empty());
+}
+
+/// Runs `f` on the paused worker's handler.
+fn with_parked<T>(console: &mut Console, f: impl FnOnce(&ConsoleHandler) -> T) -> T {
+    console.pause().unwrap();
+    let r = f(console.workers.parked().next().unwrap());
+    console.resume().unwrap();
+    r
+}
+
+/// Port 1 of the migration test: input from one socket pair, output (never read by the
+/// host while the source runs) to another. Returns (backend, input host end, output host
+/// end).
+fn migration_port() -> (PortBackend, UnixStream, UnixStream) {
+    let (a, input_host) = UnixStream::pair().unwrap();
+    let (c, output_host) = UnixStream::pair().unwrap();
+    c.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    (
+        PortBackend::Fds {
+            input: Some(a.into()),
+            output: Some(c.into()),
+        },
+        input_host,
+        output_host,
+    )
+}
+
+fn read_available(s: &mut UnixStream) -> Vec<u8> {
+    s.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    got
+}
+
+#[test]
+fn snapshot_keeps_queued_control_messages_and_port_buffers() {
+    let config = ConsoleConfig {
+        max_ports: 4,
+        ..ConsoleConfig::default()
+    };
+    // Source: the driver opened port 1 but posted no receive buffers anywhere, and the
+    // host end of port 1 does not read its output.
+    let mem = memory();
+    let mut console = Console::new(config.clone()).unwrap();
+    console
+        .add_port(PortConfig {
+            console: true,
+            ..PortConfig::new(PortBackend::Null)
+        })
+        .unwrap();
+    let (backend, mut input_host, mut output_host) = migration_port();
+    console.add_port(PortConfig::new(backend)).unwrap();
+    console
+        .negotiate_features(console.device_features())
+        .unwrap();
+    let mut rig = Rig::new(&mem, &[0, 1, 2, 3, 4, 5]);
+    let (irq, kicks) = activate(&mut console, &mem, &rig);
+    for m in [
+        ctrl(0, event::DEVICE_READY, 1),
+        ctrl(0, event::PORT_READY, 1),
+        ctrl(1, event::PORT_READY, 1),
+        ctrl(1, event::PORT_OPEN, 1),
+    ] {
+        rig.post_tx(CONTROL_TX, &m);
+    }
+    kick(&kicks, CONTROL_TX);
+    assert!(wait_until(|| rig.queues[&CONTROL_TX].used_idx() >= 4));
+    input_host.write_all(b"typed before migration").unwrap();
+    assert!(wait_until(|| with_parked(&mut console, |h| h
+        .pending_input(1))
+        == 22));
+    // Guest output until the device holds the transmit queue back.
+    let tx = tx_queue(1);
+    let consumed = |rig: &Rig<'_>, n: usize| {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            if usize::from(rig.queues[&tx].used_idx()) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    };
+    let mut posted = 0usize;
+    while posted < 64 {
+        post_big(&mut rig, tx, posted);
+        posted += 1;
+        kick(&kicks, tx);
+        if !consumed(&rig, posted) {
+            break;
+        }
+    }
+    assert!(posted < 64, "the transmit queue was never held back");
+
+    console.pause().unwrap();
+    let saved = console.save_state().unwrap();
+    let taken = usize::from(rig.queues[&tx].used_idx());
+    let state: ConsoleState = decode_section(&saved).unwrap();
+    assert_eq!(saved.version, 2);
+    assert_eq!(
+        parse(&state.control_queue),
+        vec![
+            (0, event::DEVICE_ADD, 0),
+            (1, event::DEVICE_ADD, 0),
+            (0, event::CONSOLE_PORT, 1),
+            (0, event::RESIZE, 0),
+            (0, event::PORT_OPEN, 1),
+            (1, event::PORT_OPEN, 1),
+        ]
+    );
+    assert_eq!(state.ports[1].pending_input, b"typed before migration");
+    assert!(state.ports[1].pending_output.len() >= OUTPUT_BUFFER_CAP);
+    assert!(state.ports[0].pending_input.is_empty() && state.ports[0].pending_output.is_empty());
+    // What the source's host end got before the snapshot, plus the saved output, is every
+    // chain the device consumed.
+    let mut out = read_available(&mut output_host);
+    out.extend_from_slice(&state.ports[1].pending_output);
+    assert!(out == (0..taken).flat_map(big_chunk).collect::<Vec<u8>>());
+    console.reset();
+    assert!(!irq.needs_reset());
+    drop(console);
+
+    // Destination: a fresh device with the same ports and new host ends.
+    let mem2 = memory();
+    let mut other = Console::new(config).unwrap();
+    other
+        .add_port(PortConfig {
+            console: true,
+            ..PortConfig::new(PortBackend::Null)
+        })
+        .unwrap();
+    let (backend, _input_host2, mut output_host2) = migration_port();
+    other.add_port(PortConfig::new(backend)).unwrap();
+    other.restore_state(&saved).unwrap();
+    let mut rig2 = Rig::new(&mem2, &[0, 1, 2, 3, 4, 5]);
+    let out_len = state.ports[1].pending_output.len();
+    // A read timeout turns missing output into a failure rather than a hang.
+    output_host2
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; out_len];
+        output_host2.read_exact(&mut got).map(|()| got)
+    });
+    let (irq2, kicks2) = activate(&mut other, &mem2, &rig2);
+    // The guest posts buffers: it receives exactly the queued messages and input.
+    for _ in 0..8 {
+        rig2.post_rx(CONTROL_RX);
+    }
+    kick(&kicks2, CONTROL_RX);
+    rig2.post_rx(rx_queue(1));
+    kick(&kicks2, rx_queue(1));
+    assert!(wait_until(|| rig2.queues[&CONTROL_RX].used_idx() >= 6));
+    assert!(wait_until(|| rig2.queues[&rx_queue(1)].used_idx() >= 1));
+    assert_eq!(rig2.received(CONTROL_RX, 0), state.control_queue);
+    assert_eq!(
+        rig2.received(rx_queue(1), 0),
+        vec![b"typed before migration".to_vec()]
+    );
+    // The host end gets the buffered output.
+    let got = reader
+        .join()
+        .unwrap()
+        .expect("restored output reaches the host end");
+    assert!(got == state.ports[1].pending_output);
+    // Nothing more: no duplicate messages, input or output.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rig2.queues[&CONTROL_RX].used_idx(), 6);
+    assert_eq!(rig2.queues[&rx_queue(1)].used_idx(), 1);
+    with_parked(&mut other, |h| {
+        assert_eq!(h.pending_input(1), 0);
+        assert_eq!(h.pending_output(1), 0);
+    });
+    other.reset();
+    assert!(!irq2.needs_reset());
+}
