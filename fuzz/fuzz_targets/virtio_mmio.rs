@@ -5,7 +5,7 @@
 //! restores and saves again to an equal state.
 #![no_main]
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -14,8 +14,8 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmkit_device::testing::{CountingLine, RecordingIoEvents};
 use vmkit_device::{BusDevice, InterruptLine, IoEventSpace, TriggerMode};
 use vmkit_migration::{decode, encode, Pausable};
+use vmkit_virtio::features;
 use vmkit_virtio::transport::{mmio_regs as r, VirtioMmio, VirtioMmioState};
-use vmkit_virtio::{features, VirtioInterruptType};
 
 const MEM_SIZE: usize = 64 << 10;
 const BASE: u64 = 0xd000_0000;
@@ -84,7 +84,7 @@ struct Input {
 
 #[path = "common/virtio_dev.rs"]
 mod virtio_dev;
-use virtio_dev::{process, FuzzDev, Slot};
+use virtio_dev::{needs_reset, post_head, process, raise, FuzzDev, Slot};
 
 fuzz_target!(|input: Input| {
     let Ok(m) = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else {
@@ -167,35 +167,12 @@ fuzz_target!(|input: Input| {
                 w(r::STATUS, 0xf);
             }
             Op::Kick { queue, head } => {
-                let (q, size) = if queue { (1u64, 4u16) } else { (0, 16) };
-                let avail = 0x1000 + q * 0x3000 + 0x1000;
-                let m = mem.memory();
-                if let Ok(idx) = m.read_obj::<u16>(GuestAddress(avail + 2)) {
-                    let slot_addr = avail + 4 + 2 * u64::from(idx % size);
-                    let _ = m.write_obj(head, GuestAddress(slot_addr));
-                    let _ = m.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2));
-                }
-                drop(m);
+                let q = post_head(&mem, queue, head);
                 t.write(BASE, r::QUEUE_NOTIFY, &(q as u32).to_le_bytes());
             }
             Op::Process => process(&slot),
-            Op::Interrupt { config, queue } => {
-                let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(a) = guard.as_ref() {
-                    let kind = if config {
-                        VirtioInterruptType::Config
-                    } else {
-                        VirtioInterruptType::Queue(queue)
-                    };
-                    let _ = a.irq.trigger(kind);
-                }
-            }
-            Op::NeedsReset => {
-                let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(a) = guard.as_ref() {
-                    a.irq.set_needs_reset();
-                }
-            }
+            Op::Interrupt { config, queue } => raise(&slot, config, queue),
+            Op::NeedsReset => needs_reset(&slot),
             Op::SaveRestore => {
                 t.pause().expect("pause");
                 let state = t.save_state().expect("save");

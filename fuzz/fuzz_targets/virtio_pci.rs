@@ -6,7 +6,7 @@
 //! state.
 #![no_main]
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -16,11 +16,11 @@ use vmkit_device::testing::{RecordingIoEvents, RecordingMsi};
 use vmkit_device::{IoEventSpace, MsiVectors};
 use vmkit_migration::{decode, encode, Pausable};
 use vmkit_pci::PciDevice;
+use vmkit_virtio::features;
 use vmkit_virtio::transport::{
     common_cfg as cc, VirtioPci, VirtioPciState, COMMON_CFG_OFFSET, MSIX_TABLE_OFFSET,
     NOTIFY_OFFSET,
 };
-use vmkit_virtio::{features, VirtioInterruptType};
 
 const MEM_SIZE: usize = 64 << 10;
 const BAR_ADDR: u64 = 0xe000_0000;
@@ -83,7 +83,7 @@ const FIELDS: [(u64, usize); 15] = [
 
 #[path = "common/virtio_dev.rs"]
 mod virtio_dev;
-use virtio_dev::{process, FuzzDev, Slot};
+use virtio_dev::{needs_reset, post_head, process, raise, FuzzDev, Slot};
 
 /// A configuration write, with BAR moves applied as the root complex would.
 fn cfg_write(t: &VirtioPci, offset: u16, data: &[u8]) {
@@ -196,35 +196,12 @@ fuzz_target!(|input: Input| {
                     .write_slice(&data, GuestAddress(u64::from(addr)));
             }
             Op::Kick { queue, head } => {
-                let (q, size) = if queue { (1u64, 4u16) } else { (0, 16) };
-                let avail = 0x1000 + q * 0x3000 + 0x1000;
-                let m = mem.memory();
-                if let Ok(idx) = m.read_obj::<u16>(GuestAddress(avail + 2)) {
-                    let slot_addr = avail + 4 + 2 * u64::from(idx % size);
-                    let _ = m.write_obj(head, GuestAddress(slot_addr));
-                    let _ = m.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2));
-                }
-                drop(m);
+                let q = post_head(&mem, queue, head);
                 t.bar_write(0, NOTIFY_OFFSET + 4 * q, &(q as u16).to_le_bytes());
             }
             Op::Process => process(&slot),
-            Op::Interrupt { config, queue } => {
-                let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(a) = guard.as_ref() {
-                    let kind = if config {
-                        VirtioInterruptType::Config
-                    } else {
-                        VirtioInterruptType::Queue(queue)
-                    };
-                    let _ = a.irq.trigger(kind);
-                }
-            }
-            Op::NeedsReset => {
-                let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(a) = guard.as_ref() {
-                    a.irq.set_needs_reset();
-                }
-            }
+            Op::Interrupt { config, queue } => raise(&slot, config, queue),
+            Op::NeedsReset => needs_reset(&slot),
             Op::SaveRestore => {
                 t.pause().expect("pause");
                 let state = t.save_state().expect("save");

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmkit_migration::{decode_section, encode_section, Section, VersionedState};
 use vmkit_virtio::{
     device_type, features, ActivateContext, ActiveQueue, VirtioDevice, VirtioError,
@@ -139,5 +139,40 @@ pub fn process(slot: &Slot) {
         if aq.queue.needs_notification(&*mem).unwrap_or(true) {
             let _ = active.irq.trigger(VirtioInterruptType::Queue(aq.index));
         }
+    }
+}
+
+/// Posts `head` on queue `q` (0: 16 entries, 1: 4 entries; rings laid out as the targets'
+/// bring-up does) and returns the queue index to notify.
+pub fn post_head(mem: &VirtioMemory, second_queue: bool, head: u16) -> u64 {
+    let (q, size) = if second_queue { (1u64, 4u16) } else { (0, 16) };
+    let avail = 0x1000 + q * 0x3000 + 0x1000;
+    let m = mem.memory();
+    if let Ok(idx) = m.read_obj::<u16>(GuestAddress(avail + 2)) {
+        let slot_addr = avail + 4 + 2 * u64::from(idx % size);
+        let _ = m.write_obj(head, GuestAddress(slot_addr));
+        let _ = m.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2));
+    }
+    q
+}
+
+/// The activated device raises an interrupt (nothing when it is not active).
+pub fn raise(slot: &Slot, config: bool, queue: u16) {
+    let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(a) = guard.as_ref() {
+        let kind = if config {
+            VirtioInterruptType::Config
+        } else {
+            VirtioInterruptType::Queue(queue)
+        };
+        let _ = a.irq.trigger(kind);
+    }
+}
+
+/// The activated device asks for a reset (nothing when it is not active).
+pub fn needs_reset(slot: &Slot) {
+    let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(a) = guard.as_ref() {
+        a.irq.set_needs_reset();
     }
 }
