@@ -53,9 +53,12 @@
 //! these cases measure each tool's own overhead (format mapping, request dispatch, memory
 //! copies), not the disk. The `cache=none` cases measure the O_DIRECT path to the device.
 
+mod common;
+
+use common::make_raw;
+
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -248,26 +251,6 @@ fn run_timed(env: &Env, bin: &Path, args: &[String]) -> Sample {
         cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
         inner,
     }
-}
-
-/// Writes `size` bytes of xorshift data (never a zero 512-byte block) and syncs them.
-fn make_raw(path: &Path, size: u64) {
-    let mut f = File::create(path).expect("create the raw image");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for w in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).expect("write the raw image");
-        left -= n as u64;
-    }
-    f.sync_all().expect("sync the raw image");
 }
 
 fn sync_all() {

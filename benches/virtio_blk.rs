@@ -24,10 +24,9 @@
 
 mod common;
 
-use common::{build_vmm, fetch_qemu, target_dir};
+use common::{build_vmm, fetch_qemu, make_raw, target_dir};
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,23 +37,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Writes `mib` MiB of incompressible, never-zero data.
-fn make_file(path: &Path, mib: u64) {
-    let mut f = std::fs::File::create(path).expect("create the backing file");
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in buf.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&(state | 1).to_le_bytes());
-        }
-        f.write_all(&buf).expect("write the backing file");
-    }
-    f.sync_all().expect("sync the backing file");
 }
 
 /// Reads the file with `O_DIRECT` in `bs`-byte requests, `inflight` at a time (one thread
@@ -195,7 +177,7 @@ fn main() {
     assert!(status.success(), "vmm --dump-guest failed");
 
     eprintln!("virtio-blk bench: {mib} MiB file {disk_str}, {runs} runs, {queues} queue(s) x QD {qd}, {bs}-byte sequential requests, {cpus} vCPU(s), {ms} ms per phase");
-    make_file(&disk, mib);
+    make_raw(&disk, mib << 20);
     let cmdline = format!(
         "vmkit.blk_bench=1 vmkit.blk_bench_ms={ms} vmkit.blk_qd={qd} vmkit.blk_bs={bs} vmkit.blk_verify_mib=2"
     );

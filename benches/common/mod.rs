@@ -1,8 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
-//! What the VMM-level harnesses (`boot`, `virtio_blk`) share: where the repository and the
-//! target directory are, building the example VMM, and fetching QEMU.
+//! What the harnesses share: where the repository and the target directory are, building
+//! the example VMM, fetching QEMU, and writing test images. Each harness uses a part.
 
-use std::path::PathBuf;
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The repository root.
@@ -49,4 +53,25 @@ pub fn fetch_qemu(harness: &str) -> Option<PathBuf> {
         .trim()
         .to_owned();
     Some(PathBuf::from(path))
+}
+
+/// Writes `size` bytes of xorshift data (incompressible, never a zero 512-byte block) to
+/// `path` and syncs them.
+pub fn make_raw(path: &Path, size: u64) {
+    let mut f = File::create(path).expect("create the raw image");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).expect("write the raw image");
+        left -= n as u64;
+    }
+    f.sync_all().expect("sync the raw image");
 }
